@@ -1,0 +1,190 @@
+"""Event types on the wire: Impression, Click and Feedback.
+
+Events are JSON objects validated on decode. Decoding never raises anything but
+:class:`EventError`, whose ``reason`` is what a dead-letter record or an HTTP 400
+carries.
+
+>>> raw = b'{"event_id": "c1", "user_id": "u1", "item_id": "i9", "ts": 1.7e9}'
+>>> decode_click(raw).item_id
+'i9'
+>>> decode_click(b'{"event_id": "", "user_id": "u1", "item_id": "i9", "ts": 1.7e9}')
+Traceback (most recent call last):
+...
+contracts.events.EventError: invalid: Expected `str` of length >= 1 - at `$.event_id`
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+
+SCHEMA_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_SLATE = 100
+MAX_FEATURES = 1024
+#: Events may arrive late, but not from further in the future than this.
+MAX_FUTURE_SKEW_S = 3600.0
+
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+PolicyName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")]
+#: Event time in seconds since the Unix epoch, between 2000-01-01 and 2100-01-01.
+Timestamp = Annotated[float, msgspec.Meta(ge=946_684_800.0, le=4_102_444_800.0)]
+#: A finite feature value; the bounds reject inf and NaN.
+Feature = Annotated[float, msgspec.Meta(ge=-1e9, le=1e9)]
+Features = Annotated[list[Feature], msgspec.Meta(max_length=MAX_FEATURES)]
+Position = Annotated[int, msgspec.Meta(ge=0, lt=MAX_SLATE)]
+Propensity = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
+Version = Annotated[int, msgspec.Meta(ge=0)]
+#: Which ranker placed an item in an interleaved slate (DRN's exploit W or explore W~).
+Team = Literal["exploit", "explore"]
+
+
+class EventError(ValueError):
+    """An event that cannot be accepted; ``reason`` says why in one line."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SlateItem(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One item of a served slate."""
+
+    item_id: Id
+    position: Position
+    #: Probability that the serving policy showed this item in this slate.
+    propensity: Propensity
+    team: Team | None = None
+    #: Optional item features the policy scored with (e.g. for hybrid LinUCB).
+    features: Features = []
+
+
+class Impression(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One served slate. Its id is ``request_id``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    request_id: Id
+    user_id: Id
+    ts: Timestamp
+    policy: PolicyName
+    model_version: Version = 0
+    slate: Annotated[list[SlateItem], msgspec.Meta(min_length=1, max_length=MAX_SLATE)]
+    #: Request/user context features the policy scored with.
+    context: Features = []
+
+    def __post_init__(self) -> None:
+        ids = {item.item_id for item in self.slate}
+        if len(ids) != len(self.slate):
+            raise ValueError("slate has duplicate item_id")
+        if len({item.position for item in self.slate}) != len(self.slate):
+            raise ValueError("slate has duplicate position")
+
+
+class Click(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A user clicked an item, usually one shown in the impression ``request_id``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: Id
+    user_id: Id
+    item_id: Id
+    ts: Timestamp
+    request_id: Id | None = None
+    position: Position | None = None
+
+
+class Feedback(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One (impression, shown item) with its reward, emitted when attribution closes.
+
+    ``feedback_id`` is deterministic (:func:`feedback_id`), so a re-emitted
+    feedback is recognisable as the same one.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    feedback_id: Annotated[str, msgspec.Meta(min_length=3, max_length=257)]
+    request_id: Id
+    user_id: Id
+    item_id: Id
+    #: Event time of the impression.
+    ts: Timestamp
+    reward: Annotated[int, msgspec.Meta(ge=0, le=1)]
+    clicked_at: Timestamp | None = None
+    position: Position
+    propensity: Propensity
+    policy: PolicyName
+    model_version: Version = 0
+    team: Team | None = None
+    context: Features = []
+    item_features: Features = []
+
+
+def feedback_id(request_id: str, item_id: str) -> str:
+    """The deterministic id of the feedback for ``item_id`` shown in ``request_id``."""
+    return f"{request_id}/{item_id}"
+
+
+Event = Impression | Click | Feedback
+E = TypeVar("E", Impression, Click, Feedback)
+
+_encoder = msgspec.json.Encoder()
+_decoders = {cls: msgspec.json.Decoder(cls) for cls in (Impression, Click, Feedback)}
+
+
+def encode(event: Event) -> bytes:
+    """Serialize an event to its JSON wire form."""
+    return _encoder.encode(event)
+
+
+def _decode(cls: type[E], raw: bytes) -> E:
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise EventError(f"too large: {len(raw)} bytes > {MAX_MESSAGE_BYTES}")
+    try:
+        return _decoders[cls].decode(raw)
+    except msgspec.ValidationError as exc:
+        raise EventError(f"invalid: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise EventError(f"malformed: {exc}") from None
+
+
+def decode_impression(raw: bytes) -> Impression:
+    """Decode and validate one Impression; raises :class:`EventError`."""
+    return _decode(Impression, raw)
+
+
+def decode_click(raw: bytes) -> Click:
+    """Decode and validate one Click; raises :class:`EventError`."""
+    return _decode(Click, raw)
+
+
+def decode_feedback(raw: bytes) -> Feedback:
+    """Decode and validate one Feedback; raises :class:`EventError`."""
+    return _decode(Feedback, raw)
+
+
+DECODERS = {"impression": decode_impression, "click": decode_click, "feedback": decode_feedback}
+
+
+def check_clock(ts: float, now: float, max_future_s: float = MAX_FUTURE_SKEW_S) -> None:
+    """Reject an event time further than ``max_future_s`` ahead of ``now``."""
+    if ts > now + max_future_s:
+        raise EventError(f"invalid: ts {ts:.3f} is {ts - now:.0f} s in the future")
+
+
+_raw_list = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def split_batch(body: bytes) -> list[bytes]:
+    """Split an HTTP body holding one event or a JSON array of events into raw events.
+
+    Only the outer array is parsed here; each element is validated on its own so
+    that a bad element is reported by its index.
+
+    >>> split_batch(b'[{"a": 1}, {"b": 2}]')
+    [b'{"a": 1}', b'{"b": 2}']
+    """
+    if not body.lstrip().startswith(b"["):
+        return [body]
+    try:
+        return [bytes(raw) for raw in _raw_list.decode(body)]
+    except msgspec.DecodeError as exc:
+        raise EventError(f"malformed: {exc}") from None

@@ -1,0 +1,61 @@
+"""The Redis key layout, in one place.
+
+Every key carries a Redis Cluster hash tag (the part in braces) so that keys that
+change together in one MULTI/EXEC or Lua script live in one slot: a model's
+versions, one consumer group's checkpoints, one user's sequence and features.
+
+>>> keys = KeySpace("sr")
+>>> keys.params_current("linucb")
+'sr:params:{linucb}:current'
+>>> keys.checkpoint("bandits", 3)
+'sr:ckpt:{bandits}:3'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Builds every Redis key streamrec uses, under one namespace prefix."""
+
+    namespace: str = "streamrec"
+
+    # Consumer checkpoints: one hash per (consumer group, partition number).
+    def checkpoint(self, group: str, partition: int) -> str:
+        return f"{self.namespace}:ckpt:{{{group}}}:{partition}"
+
+    def checkpoint_pattern(self, group: str) -> str:
+        return f"{self.namespace}:ckpt:{{{group}}}:*"
+
+    # Parameter store (DESIGN.md §4): immutable blobs, per-partition pointers,
+    # one manifest per version and a current pointer, all in the model's slot.
+    def params_current(self, model: str) -> str:
+        return f"{self.namespace}:params:{{{model}}}:current"
+
+    def params_parts(self, model: str) -> str:
+        return f"{self.namespace}:params:{{{model}}}:parts"
+
+    def params_manifest(self, model: str, version: int) -> str:
+        return f"{self.namespace}:params:{{{model}}}:manifest:{version}"
+
+    def params_blob(self, model: str, part: str, blob_id: str) -> str:
+        return f"{self.namespace}:params:{{{model}}}:blob:{part}:{blob_id}"
+
+    def params_channel(self, model: str) -> str:
+        return f"{self.namespace}:params:{{{model}}}:updates"
+
+    def models(self) -> str:
+        return f"{self.namespace}:models"
+
+    # Per-user state written by the sequences service.
+    def sequence(self, user_id: str) -> str:
+        return f"{self.namespace}:seq:{{{user_id}}}"
+
+    def user_features(self, user_id: str) -> str:
+        return f"{self.namespace}:ufeat:{{{user_id}}}"
+
+    # Reloadable faiss index pointer.
+    def index_current(self, name: str) -> str:
+        return f"{self.namespace}:index:{{{name}}}:current"

@@ -1,0 +1,1 @@
+"""streamrec services: the consumer runtime, the services built on it, and their learners."""

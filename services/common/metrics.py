@@ -1,0 +1,96 @@
+"""Prometheus metrics of the consumer runtime, registered in an injected registry.
+
+Names follow DESIGN.md §8: ``streamrec_<service>_<what>_<unit>``; the runtime's
+series are shared by every service and carry a ``service`` label.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from http.server import ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ConsumerMetrics:
+    """The series every consumer service exposes."""
+
+    def __init__(self, registry: CollectorRegistry, service: str) -> None:
+        self.service = service
+        self.events = Counter(
+            "streamrec_consumer_events_total",
+            "Records consumed, by outcome (applied, dead_letter, duplicate, control, rebuilt).",
+            ["service", "topic", "outcome"],
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "streamrec_consumer_dead_letters_total",
+            "Records sent to the dead-letter topic, by reason category.",
+            ["service", "reason"],
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "streamrec_consumer_batch_seconds",
+            "Time to decode and apply one polled batch.",
+            ["service"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_records = Histogram(
+            "streamrec_consumer_batch_records",
+            "Records per polled batch.",
+            ["service"],
+            buckets=(1, 10, 100, 500, 1000, 2000, 5000, 10000),
+            registry=registry,
+        )
+        self.lag = Gauge(
+            "streamrec_consumer_lag_records",
+            "End offset minus consumed position, per partition (never negative).",
+            ["service", "topic", "partition"],
+            registry=registry,
+        )
+        self.checkpoint_seconds = Histogram(
+            "streamrec_consumer_checkpoint_seconds",
+            "Time to write one checkpoint (state + offsets) to Redis.",
+            ["service"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.checkpoint_timestamp = Gauge(
+            "streamrec_consumer_checkpoint_timestamp_seconds",
+            "Unix time of the last successful checkpoint (age = time() - this).",
+            ["service"],
+            registry=registry,
+        )
+        self.checkpoint_failures = Counter(
+            "streamrec_consumer_checkpoint_failures_total",
+            "Checkpoints that could not be written (Redis unreachable, ...).",
+            ["service"],
+            registry=registry,
+        )
+        self.assigned = Gauge(
+            "streamrec_consumer_assigned_partitions",
+            "Partition numbers this process owns.",
+            ["service"],
+            registry=registry,
+        )
+        self.rebalances = Counter(
+            "streamrec_consumer_rebalances_total",
+            "Partition assignments and revocations.",
+            ["service", "kind"],
+            registry=registry,
+        )
+
+
+def serve_metrics(
+    registry: CollectorRegistry, port: int = 0, host: str = "127.0.0.1"
+) -> tuple[ThreadingHTTPServer, threading.Thread]:
+    """Serve ``/metrics`` for ``registry``; port 0 picks a free port (see ``server_port``)."""
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host, server.server_port)
+    return server, thread

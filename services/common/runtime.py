@@ -1,0 +1,459 @@
+"""The one consumer loop every service runs: poll → decode → apply → checkpoint → commit.
+
+A service is a :class:`Processor`: a function from a batch of decoded records to
+state changes, plus how to snapshot and restore its state per partition number.
+The runtime owns everything else:
+
+* decoding and validation (bad records go to the dead-letter topic with a reason
+  and their source topic/partition/offset; the service goes on);
+* checkpoints: every ``checkpoint_interval_s`` the processor's state, the consumed
+  offsets and the de-duplication marks are written to Redis in one transaction,
+  then offsets are committed to Kafka (for lag tooling only: Redis is the truth);
+* restore on assignment: the checkpoint is loaded and the consumer seeks to its
+  offsets, so a redelivered record is never applied twice;
+* rebalances (checkpoint on revoke), graceful stop (finish the batch,
+  checkpoint, leave the group), Prometheus metrics and consumer lag.
+
+Exactly-once across services: a processor that emits records (the joiner emits
+feedback) does so through :meth:`Context.emit`, which stamps each record with its
+source (group and partition) and a sequence number that is checkpointed with the
+source's state. A consumer drops records whose sequence number it has already
+applied, so a re-emission after a crash changes nothing downstream, provided the
+emitting processor is deterministic given its input (see docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+from prometheus_client import CollectorRegistry
+
+from contracts.events import EventError
+from services.common import clients
+from services.common.checkpoint import Checkpoint, CheckpointStore
+from services.common.metrics import ConsumerMetrics
+from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
+
+log = logging.getLogger(__name__)
+
+SOURCE_HEADER = "streamrec-src"
+SEQ_HEADER = "streamrec-seq"
+CONTROL_HEADER = "streamrec-control"
+REASON_HEADER = "streamrec-dlq-reason"
+
+Decoder = Callable[[bytes], Any]
+
+
+@dataclass(slots=True)
+class Record:
+    """A decoded record and where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: Any
+    timestamp_ms: int
+    #: The bytes as consumed, dead-lettered verbatim if the processor refuses the record.
+    raw: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A record the processor refuses (e.g. features of the wrong size): dead-lettered."""
+
+    record: Record
+    reason: str
+
+
+class Context:
+    """What a processor may do besides changing its own state: emit records."""
+
+    def __init__(self, runtime: ConsumerRuntime) -> None:
+        self._runtime = runtime
+
+    def emit(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: bytes | None,
+        source_partition: int,
+        partition: int | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        """Produce a record, stamped for downstream de-duplication.
+
+        ``source_partition`` is the input partition number whose state produced
+        it; the sequence number is part of that partition's checkpoint.
+        """
+        self._runtime._emit(topic, value, key, source_partition, partition, headers)
+
+    def emit_control(self, topic: str, partition: int, value: bytes) -> None:
+        """Append a control record (e.g. a watermark) to a partition of an input topic."""
+        self._runtime._producer().send(
+            topic, value=value, partition=partition, headers=[(CONTROL_HEADER, b"1")]
+        )
+
+    def request_checkpoint(self) -> None:
+        """Ask for a checkpoint after the current batch (e.g. before publishing)."""
+        self._runtime._checkpoint_requested = True
+
+
+class Processor(ABC):
+    """A service's logic. State is kept per partition number (all input topics)."""
+
+    @abstractmethod
+    def apply(self, records: list[Record], ctx: Context) -> list[Rejection]:
+        """Apply a batch of valid records; return the ones refused, with reasons."""
+
+    @abstractmethod
+    def snapshot(self, partition: int) -> bytes:
+        """This partition's state, to be checkpointed together with its offsets."""
+
+    @abstractmethod
+    def restore(self, partition: int, checkpoint: Checkpoint | None) -> Mapping[str, int] | None:
+        """Take ownership of ``partition``, from its checkpoint if there is one.
+
+        Return the offsets to seek to per topic, or None to resume at the
+        checkpoint's offsets (a processor that rebuilds state by re-reading the
+        log, like the joiner, returns earlier offsets).
+        """
+
+    @abstractmethod
+    def revoke(self, partition: int) -> None:
+        """Drop the state of a partition this process no longer owns."""
+
+    def control(self, record: Record, ctx: Context) -> None:  # noqa: B027 - optional hook
+        """A control record (header ``streamrec-control``) from an input topic."""
+
+    def tick(self, now: float, ctx: Context) -> None:  # noqa: B027 - optional hook
+        """Called after every poll, also when it returned nothing."""
+
+    def after_checkpoint(self, partitions: Sequence[int]) -> None:  # noqa: B027 - optional hook
+        """Called after a checkpoint of ``partitions`` was written (e.g. to publish)."""
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, runtime: ConsumerRuntime) -> None:
+        self.runtime = runtime
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        self.runtime._on_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        self.runtime._on_assigned(assigned)
+
+
+def _reason_category(reason: str) -> str:
+    return reason.split(":", 1)[0].strip().replace(" ", "_")[:32] or "unknown"
+
+
+class ConsumerRuntime:
+    """Runs a :class:`Processor` over Kafka topics with Redis checkpoints."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        group: str,
+        inputs: Mapping[str, Decoder],
+        processor: Processor,
+        kafka: KafkaSettings,
+        redis_settings: RedisSettings,
+        topics: TopicSettings,
+        settings: RuntimeSettings | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.service = service
+        self.group = group
+        self.inputs = dict(inputs)
+        self.processor = processor
+        self.kafka = kafka
+        self.topics = topics
+        self.settings = settings or RuntimeSettings()
+        self.registry = registry or CollectorRegistry()
+        self.metrics = ConsumerMetrics(self.registry, service)
+        self.clock = clock
+        self.redis = clients.redis_client(redis_settings)
+        self.store = CheckpointStore(self.redis, redis_settings.keys(), group)
+        self.stopping = threading.Event()
+        self.ctx = Context(self)
+        self._consumer: KafkaConsumer | None = None
+        self._producer_client: KafkaProducer | None = None
+        self._owned: dict[int, Checkpoint] = {}
+        self._positions: dict[TopicPartition, int] = {}
+        self._dirty: set[int] = set()
+        self._checkpoint_requested = False
+        self._last_checkpoint = self.clock()
+        self._last_lag = 0.0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, checkpoint and return."""
+        self.stopping.set()
+
+    def run(self) -> None:
+        """Consume until :meth:`stop`; always checkpoints and closes on the way out."""
+        self._consumer = clients.consumer(self.kafka, self.group)
+        self._consumer.subscribe(list(self.inputs), listener=_Rebalance(self))
+        log.info("%s consuming %s as group %s", self.service, list(self.inputs), self.group)
+        try:
+            while not self.stopping.is_set():
+                self.poll_once()
+        finally:
+            self._shutdown()
+
+    def poll_once(self) -> int:
+        """One iteration of the loop; returns the number of records polled."""
+        assert self._consumer is not None
+        polled = self._consumer.poll(
+            timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_batch
+        )
+        count = sum(len(batch) for batch in polled.values())
+        if count:
+            started = time.perf_counter()
+            self._process(polled)
+            self.metrics.batch_seconds.labels(self.service).observe(time.perf_counter() - started)
+            self.metrics.batch_records.labels(self.service).observe(count)
+        now = self.clock()
+        self.processor.tick(now, self.ctx)
+        if (
+            self._checkpoint_requested
+            or now - self._last_checkpoint >= self.settings.checkpoint_interval_s
+        ):
+            self.checkpoint()
+        if now - self._last_lag >= self.settings.lag_interval_s:
+            self._update_lag()
+            self._last_lag = now
+        return count
+
+    def _shutdown(self) -> None:
+        try:
+            if self._owned:
+                self.checkpoint(force=True)
+        finally:
+            if self._consumer is not None:
+                self._consumer.close(autocommit=False)
+            if self._producer_client is not None:
+                self._producer_client.close(timeout=10)
+            self.redis.close()
+            log.info("%s stopped", self.service)
+
+    # -- the batch path --------------------------------------------------------
+
+    def _process(self, polled: Mapping[TopicPartition, list[Any]]) -> None:
+        good: list[Record] = []
+        outcomes: dict[tuple[str, str], int] = defaultdict(int)
+        for tp, raw_records in polled.items():
+            if tp.partition not in self._owned:
+                continue
+            decode = self.inputs[tp.topic]
+            ckpt = self._owned[tp.partition]
+            dedupe = ckpt.dedupe
+            for raw in raw_records:
+                if raw.headers:
+                    headers = dict(raw.headers)
+                    if CONTROL_HEADER in headers:
+                        self.processor.control(self._record(raw, None), self.ctx)
+                        outcomes[(tp.topic, "control")] += 1
+                        continue
+                    source = headers.get(SOURCE_HEADER)
+                    if source is not None:
+                        mark = f"{tp.topic}|{tp.partition}|{source.decode()}"
+                        seq = int(headers[SEQ_HEADER])
+                        if seq <= dedupe.get(mark, -1):
+                            outcomes[(tp.topic, "duplicate")] += 1
+                            continue
+                        dedupe[mark] = seq
+                try:
+                    good.append(self._record(raw, decode(raw.value)))
+                except EventError as exc:
+                    self._dead_letter(raw, exc.reason)
+                    outcomes[(tp.topic, "dead_letter")] += 1
+            self._positions[tp] = raw_records[-1].offset + 1
+            ckpt.offsets[tp.topic] = raw_records[-1].offset + 1
+            self._dirty.add(tp.partition)
+        if good:
+            rejected = self.processor.apply(good, self.ctx)
+            for rejection in rejected:
+                self._dead_letter(rejection.record, rejection.reason)
+                outcomes[(rejection.record.topic, "dead_letter")] += 1
+            applied: dict[str, int] = defaultdict(int)
+            for record in good:
+                applied[record.topic] += 1
+            for rejection in rejected:
+                applied[rejection.record.topic] -= 1
+            for topic, n in applied.items():
+                outcomes[(topic, "applied")] += n
+        for (topic, outcome), n in outcomes.items():
+            if n:
+                self.metrics.events.labels(self.service, topic, outcome).inc(n)
+
+    @staticmethod
+    def _record(raw: Any, value: Any) -> Record:
+        return Record(
+            raw.topic, raw.partition, raw.offset, raw.key, value, raw.timestamp, raw.value
+        )
+
+    # -- output ----------------------------------------------------------------
+
+    def _producer(self) -> KafkaProducer:
+        if self._producer_client is None:
+            self._producer_client = clients.producer(self.kafka)
+        return self._producer_client
+
+    def _emit(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None,
+        source_partition: int,
+        partition: int | None,
+        headers: Sequence[tuple[str, bytes]],
+    ) -> None:
+        ckpt = self._owned[source_partition]
+        if partition is None:
+            partition = source_partition % self._partition_count(topic)
+        slot = f"{topic}|{partition}"
+        seq = ckpt.emit_seq.get(slot, 0)
+        ckpt.emit_seq[slot] = seq + 1
+        self._dirty.add(source_partition)
+        stamp = [
+            (SOURCE_HEADER, f"{self.group}:{source_partition}".encode()),
+            (SEQ_HEADER, str(seq).encode()),
+        ]
+        self._producer().send(
+            topic, value=value, key=key, partition=partition, headers=[*headers, *stamp]
+        )
+
+    def _partition_count(self, topic: str) -> int:
+        parts = self._producer().partitions_for(topic)
+        if not parts:
+            raise KafkaError(f"topic {topic!r} has no partitions")
+        return len(parts)
+
+    def _dead_letter(self, raw: Any, reason: str) -> None:
+        """Send the original bytes to the dead-letter topic with reason and source."""
+        self.metrics.dead_letters.labels(self.service, _reason_category(reason)).inc()
+        log.warning("dead-letter %s[%d]@%d: %s", raw.topic, raw.partition, raw.offset, reason[:200])
+        self._producer().send(
+            self.topics.dead_letter,
+            key=raw.key,
+            value=raw.value if isinstance(raw.value, bytes) else raw.raw,
+            headers=[
+                (REASON_HEADER, reason.encode()[:1024]),
+                ("streamrec-dlq-topic", raw.topic.encode()),
+                ("streamrec-dlq-partition", str(raw.partition).encode()),
+                ("streamrec-dlq-offset", str(raw.offset).encode()),
+                ("streamrec-dlq-service", self.service.encode()),
+            ],
+        )
+
+    # -- checkpoints -----------------------------------------------------------
+
+    def checkpoint(self, force: bool = False, partitions: Sequence[int] | None = None) -> bool:
+        """Flush output, then write state + offsets of owned partitions atomically."""
+        self._checkpoint_requested = False
+        self._last_checkpoint = self.clock()
+        targets = list(partitions if partitions is not None else self._owned)
+        if not force:
+            targets = [p for p in targets if p in self._dirty]
+        if not targets:
+            return True
+        started = time.perf_counter()
+        if self._producer_client is not None:
+            # Emitted and dead-lettered records must be durable before the offsets
+            # that produced them are: otherwise a crash would lose them.
+            self._producer_client.flush(timeout=30)
+        for partition in targets:
+            self._owned[partition].state = self.processor.snapshot(partition)
+        try:
+            self.store.save({p: self._owned[p] for p in targets})
+        except redis.RedisError as exc:
+            self.metrics.checkpoint_failures.labels(self.service).inc()
+            log.error("checkpoint failed (will retry): %s", exc)
+            return False
+        self._dirty.difference_update(targets)
+        self.metrics.checkpoint_seconds.labels(self.service).observe(time.perf_counter() - started)
+        self.metrics.checkpoint_timestamp.labels(self.service).set(time.time())
+        self._commit(targets)
+        self.processor.after_checkpoint(targets)
+        return True
+
+    def _commit(self, partitions: Sequence[int]) -> None:
+        assert self._consumer is not None
+        offsets = {
+            tp: OffsetAndMetadata(pos, "", -1)
+            for tp, pos in self._positions.items()
+            if tp.partition in partitions
+        }
+        if offsets:
+            try:
+                self._consumer.commit_async(offsets=offsets)
+            except KafkaError as exc:
+                log.warning("offset commit failed (Redis checkpoint is authoritative): %s", exc)
+
+    # -- rebalance -------------------------------------------------------------
+
+    def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        numbers = sorted({tp.partition for tp in revoked} & set(self._owned))
+        self.metrics.rebalances.labels(self.service, "revoked").inc()
+        if not numbers:
+            return
+        self.checkpoint(force=True, partitions=numbers)
+        for number in numbers:
+            self.processor.revoke(number)
+            del self._owned[number]
+            self._dirty.discard(number)
+        for tp in [tp for tp in self._positions if tp.partition in numbers]:
+            del self._positions[tp]
+        self.metrics.assigned.labels(self.service).set(len(self._owned))
+        log.info("revoked partitions %s", numbers)
+
+    def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        assert self._consumer is not None
+        self.metrics.rebalances.labels(self.service, "assigned").inc()
+        numbers = sorted({tp.partition for tp in assigned} - set(self._owned))
+        found = self.store.load(numbers)
+        for number in numbers:
+            ckpt = found.get(number)
+            seek = self.processor.restore(number, ckpt)
+            self._owned[number] = ckpt if ckpt is not None else Checkpoint()
+            start = dict(seek) if seek is not None else dict(self._owned[number].offsets)
+            for tp in (tp for tp in assigned if tp.partition == number):
+                if tp.topic in start:
+                    self._consumer.seek(tp, start[tp.topic])
+                    self._positions[tp] = start[tp.topic]
+                else:
+                    self._consumer.seek_to_beginning(tp)
+        self.metrics.assigned.labels(self.service).set(len(self._owned))
+        log.info("assigned partitions %s (restored %s)", numbers, sorted(found))
+
+    # -- lag -------------------------------------------------------------------
+
+    def _update_lag(self) -> None:
+        if self._consumer is None or not self._positions:
+            return
+        try:
+            ends = self._consumer.end_offsets(list(self._positions))
+        except KafkaError as exc:
+            log.debug("lag not measured: %s", exc)
+            return
+        for tp, end in ends.items():
+            # Tansu's end offsets can trail a few records: lag is clamped at 0.
+            lag = max(0, end - self._positions.get(tp, end))
+            self.metrics.lag.labels(self.service, tp.topic, str(tp.partition)).set(lag)

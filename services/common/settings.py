@@ -1,0 +1,150 @@
+"""Typed settings, read from environment variables (and an optional ``.env`` file).
+
+Each field's docstring names its environment variable. Defaults run the embedded
+stack on loopback; production points the same services at real Kafka and Redis
+(``KAFKA_BOOTSTRAP_SERVERS``, ``REDIS_URL``, SASL/TLS and ACL settings).
+Secrets are :class:`pydantic.SecretStr`, so they never appear in logs or reprs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contracts.keys import KeySpace
+from contracts.topics import DEFAULT_PARTITIONS
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach Kafka. Every client-specific knob is here so real Kafka can be tuned."""
+
+    model_config = SettingsConfigDict(env_prefix="KAFKA_", env_file=".env", extra="ignore")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """``KAFKA_BOOTSTRAP_SERVERS``: comma-separated host:port list."""
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    """``KAFKA_SECURITY_PROTOCOL``."""
+    sasl_mechanism: SaslMechanism | None = None
+    """``KAFKA_SASL_MECHANISM``."""
+    sasl_username: str | None = None
+    """``KAFKA_SASL_USERNAME``."""
+    sasl_password: SecretStr | None = None
+    """``KAFKA_SASL_PASSWORD``."""
+    ssl_cafile: str | None = None
+    """``KAFKA_SSL_CAFILE``: CA bundle for TLS."""
+    ssl_certfile: str | None = None
+    """``KAFKA_SSL_CERTFILE``: client certificate for mutual TLS."""
+    ssl_keyfile: str | None = None
+    """``KAFKA_SSL_KEYFILE``: client key for mutual TLS."""
+    client_id: str = "streamrec"
+    """``KAFKA_CLIENT_ID``."""
+    fetch_max_wait_ms: int = Field(10, ge=5)
+    """``KAFKA_FETCH_MAX_WAIT_MS``: 5-10 ms keeps latency low (values <= 2 stall Tansu)."""
+    max_poll_interval_ms: int = 10_000
+    """``KAFKA_MAX_POLL_INTERVAL_MS``: also bounds how long a group join takes on Tansu."""
+    session_timeout_ms: int = 6_000
+    """``KAFKA_SESSION_TIMEOUT_MS``."""
+    heartbeat_interval_ms: int = 1_000
+    """``KAFKA_HEARTBEAT_INTERVAL_MS``."""
+    max_partition_fetch_bytes: int = 4 * 1024 * 1024
+    """``KAFKA_MAX_PARTITION_FETCH_BYTES``."""
+    linger_ms: int = 2
+    """``KAFKA_LINGER_MS``: producer batching delay."""
+    request_timeout_ms: int = 30_000
+    """``KAFKA_REQUEST_TIMEOUT_MS``."""
+
+    def common(self) -> dict[str, Any]:
+        """Connection arguments shared by consumers, producers and admin clients."""
+        config: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+            "client_id": self.client_id,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            config["sasl_mechanism"] = self.sasl_mechanism
+            config["sasl_plain_username"] = self.sasl_username
+            if self.sasl_password is not None:
+                config["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if value := getattr(self, name):
+                config[name] = value
+        return config
+
+    def admin(self) -> dict[str, Any]:
+        config = self.common()
+        config.pop("request_timeout_ms")
+        return config
+
+
+class RedisSettings(BaseSettings):
+    """How to reach Redis (URL plus ACL user/password and TLS, kept out of logs)."""
+
+    model_config = SettingsConfigDict(env_prefix="REDIS_", env_file=".env", extra="ignore")
+
+    url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    """``REDIS_URL``: ``redis://`` or ``rediss://`` (TLS); may carry credentials."""
+    username: str | None = None
+    """``REDIS_USERNAME``: ACL user, if not in the URL."""
+    password: SecretStr | None = None
+    """``REDIS_PASSWORD``: if not in the URL."""
+    ssl_ca_certs: str | None = None
+    """``REDIS_SSL_CA_CERTS``: CA bundle for ``rediss://``."""
+    namespace: str = "streamrec"
+    """``REDIS_NAMESPACE``: prefix of every key streamrec writes."""
+    socket_timeout: float = 5.0
+    """``REDIS_SOCKET_TIMEOUT`` in seconds."""
+
+    def keys(self) -> KeySpace:
+        return KeySpace(self.namespace)
+
+
+class TopicSettings(BaseSettings):
+    """Topic names and partition count (``STREAMREC_TOPIC_*``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_TOPIC_", env_file=".env", extra="ignore"
+    )
+
+    clicks: str = "clicks"
+    """``STREAMREC_TOPIC_CLICKS``."""
+    impressions: str = "impressions"
+    """``STREAMREC_TOPIC_IMPRESSIONS``."""
+    feedback: str = "feedback"
+    """``STREAMREC_TOPIC_FEEDBACK``."""
+    dead_letter: str = "dead-letter"
+    """``STREAMREC_TOPIC_DEAD_LETTER``."""
+    partitions: int = Field(DEFAULT_PARTITIONS, ge=1)
+    """``STREAMREC_TOPIC_PARTITIONS``: used when streamrec creates the topics."""
+
+    def all(self) -> dict[str, int]:
+        return {
+            name: self.partitions
+            for name in (self.clicks, self.impressions, self.feedback, self.dead_letter)
+        }
+
+
+class RuntimeSettings(BaseSettings):
+    """The consumer loop's knobs (``STREAMREC_RUNTIME_*``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_RUNTIME_", env_file=".env", extra="ignore"
+    )
+
+    max_batch: int = Field(5_000, ge=1)
+    """``STREAMREC_RUNTIME_MAX_BATCH``: records per poll."""
+    poll_timeout_ms: int = Field(100, ge=1)
+    """``STREAMREC_RUNTIME_POLL_TIMEOUT_MS``."""
+    checkpoint_interval_s: float = Field(1.0, gt=0)
+    """``STREAMREC_RUNTIME_CHECKPOINT_INTERVAL_S``: state + offsets to Redis this often."""
+    metrics_port: int = Field(0, ge=0)
+    """``STREAMREC_RUNTIME_METRICS_PORT``: /metrics port; 0 picks a free one (logged)."""
+    metrics_host: str = "127.0.0.1"
+    """``STREAMREC_RUNTIME_METRICS_HOST``: 0.0.0.0 in containers."""
+    lag_interval_s: float = Field(5.0, gt=0)
+    """``STREAMREC_RUNTIME_LAG_INTERVAL_S``: how often consumer lag is measured."""

@@ -1,0 +1,155 @@
+"""The consumer runtime against the real broker and Redis: exactly-once and dead letters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from contracts.events import Click, encode
+from contracts.keys import KeySpace
+from services.stack.servers import ensure_topics
+from tests.integration.tally_worker import TALLY
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _worker(topic: str, group: str, keys: KeySpace, kafka: str, redis_url: str, log: Path):
+    env = os.environ | {"KAFKA_BOOTSTRAP_SERVERS": kafka, "REDIS_URL": redis_url}
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.tally_worker", topic, group, keys.namespace],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _tally(client: redis.Redis, keys: KeySpace, group: str, partitions: int) -> tuple[int, int]:
+    count = total = 0
+    for p in range(partitions):
+        state = client.hget(keys.checkpoint(group, p), "state")
+        if state:
+            c, s = TALLY.unpack(state)
+            count, total = count + c, total + s
+    return count, total
+
+
+def _click(i: int, **overrides) -> bytes:
+    fields = {
+        "event_id": f"e{i}",
+        "user_id": f"u{i % 997}",
+        "item_id": f"i{i % 50}",
+        "ts": 1.7e9 + i / 1000,
+    } | overrides
+    return encode(Click(**fields))
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_sigkill_mid_stream_applies_every_event_exactly_once(
+    kafka_bootstrap, redis_url, redis_client, keyspace, topic_factory, unique_name, tmp_path
+):
+    n = 60_000
+    topic = topic_factory("tally", partitions=4)
+    ensure_topics({"bootstrap_servers": kafka_bootstrap}, {f"{topic}-dlq": 1})
+    group = unique_name("tally")
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
+    for i in range(n):
+        producer.send(topic, key=f"u{i % 997}".encode(), value=_click(i))
+    producer.flush()
+    producer.close()
+
+    worker = _worker(topic, group, keyspace, kafka_bootstrap, redis_url, tmp_path / "w.log")
+    _wait_for(lambda: _tally(redis_client, keyspace, group, 4)[0] > n // 4, 60, "progress")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    killed_at = _tally(redis_client, keyspace, group, 4)[0]
+    assert 0 < killed_at < n, "the kill must land mid-stream"
+
+    worker = _worker(topic, group, keyspace, kafka_bootstrap, redis_url, tmp_path / "w.log")
+    try:
+        _wait_for(lambda: _tally(redis_client, keyspace, group, 4)[0] >= n, 90, "all events")
+        time.sleep(1.0)  # any double application would show up in later checkpoints
+        assert _tally(redis_client, keyspace, group, 4) == (n, n * (n - 1) // 2)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+
+
+def test_poison_records_are_dead_lettered_with_reasons_and_good_ones_flow(
+    kafka_bootstrap, redis_url, redis_client, keyspace, unique_name, tmp_path
+):
+    topic = unique_name("poison")
+    dlq = f"{topic}-dlq"
+    ensure_topics({"bootstrap_servers": kafka_bootstrap}, {topic: 1, dlq: 1})
+    poison = {
+        b'{"event_id": "x", "user_id": "u1", "item_id": "i1", "ts": 1.7e9': "malformed",
+        b'{"event_id": 5, "user_id": "u1", "item_id": "i1", "ts": 1.7e9}': "invalid",
+        b'{"event_id": "x", "user_id": "u1", "item_id": "i1", "ts": 1e999}': "invalid",
+        b'{"event_id": "x", "user_id": "u1", "item_id": "i1", "ts": NaN}': "malformed",
+        b'{"schema_version": 9, "event_id": "x", "user_id": "u", "item_id": "i", "ts": 2e9}': (
+            "invalid"
+        ),
+        b'{"event_id": "", "user_id": "u1", "item_id": "i1", "ts": 1.7e9}': "invalid",
+        b"\xff\xfe not json at all": "malformed",
+        b'{"event_id": "big", "user_id": "u1", "item_id": "'
+        + b"i" * 70_000
+        + b'", "ts": 1.7e9}': "too large",
+        _click(10**6, item_id="reject-me"): "unknown item",
+    }
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, max_request_size=2**20)
+    good = 0
+    for i, raw in enumerate(poison):
+        producer.send(topic, key=b"k", value=_click(2 * i))
+        producer.send(topic, key=b"k", value=raw)
+        good += 2 * i
+    producer.flush()
+    producer.close()
+
+    group = unique_name("poison")
+    worker = _worker(topic, group, keyspace, kafka_bootstrap, redis_url, tmp_path / "p.log")
+    try:
+        _wait_for(
+            lambda: _tally(redis_client, keyspace, group, 1)[0] >= len(poison), 60, "good events"
+        )
+        assert _tally(redis_client, keyspace, group, 1) == (len(poison), good)
+        consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, fetch_max_wait_ms=10)
+        tp = TopicPartition(dlq, 0)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        dead = []
+        deadline = time.monotonic() + 30
+        while len(dead) < len(poison) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                dead.extend(records)
+        consumer.close()
+        assert worker.poll() is None, "the service must survive poison input"
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+    assert len(dead) == len(poison)
+    for record in dead:
+        headers = dict(record.headers)
+        assert record.value in poison
+        assert headers["streamrec-dlq-reason"].decode().startswith(poison[record.value])
+        assert headers["streamrec-dlq-topic"].decode() == topic
+        assert (
+            int(headers["streamrec-dlq-offset"]) % 2 == 1
+        )  # every poison record sat at odd offsets
