@@ -1,0 +1,242 @@
+"""HTTP ingest: ``POST /v1/clicks`` and ``POST /v1/impressions``.
+
+A body is one event or a JSON array of events. Validation is all-or-nothing: if
+any event is invalid the response is ``400`` listing every bad event by index
+with its reason, and nothing is produced, so a client fixes and resends the whole
+batch and nothing is half-accepted. Valid batches are produced with ``acks=all``
+and answered ``202 {"accepted": n}`` only once Kafka has acknowledged them.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import anyio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from contracts.events import (
+    EventError,
+    check_clock,
+    decode_click,
+    decode_impression,
+    encode,
+    split_batch,
+)
+from services.common.metrics import LATENCY_BUCKETS
+from services.gateway.sdk import EventProducer
+
+log = logging.getLogger(__name__)
+Kind = Literal["clicks", "impressions"]
+
+
+class GatewaySettings(BaseSettings):
+    """Gateway settings (``STREAMREC_GATEWAY_*``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_GATEWAY_", env_file=".env", extra="ignore"
+    )
+
+    host: str = "127.0.0.1"
+    """``STREAMREC_GATEWAY_HOST``."""
+    port: int = 8080
+    """``STREAMREC_GATEWAY_PORT``."""
+    token: SecretStr | None = None
+    """``STREAMREC_GATEWAY_TOKEN``: if set, requests need ``Authorization: Bearer <token>``."""
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """``STREAMREC_GATEWAY_MAX_BODY_BYTES``: larger bodies get 413."""
+    max_batch: int = Field(5_000, ge=1)
+    """``STREAMREC_GATEWAY_MAX_BATCH``: more events in one body get 413."""
+    produce_timeout_s: float = Field(30.0, gt=0)
+    """``STREAMREC_GATEWAY_PRODUCE_TIMEOUT_S``: Kafka acknowledgement wait before 503."""
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "streamrec_gateway_requests_total",
+            "HTTP requests by route and status code.",
+            ["route", "code"],
+            registry=registry,
+        )
+        self.events = Counter(
+            "streamrec_gateway_events_total",
+            "Events by kind and outcome.",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "streamrec_gateway_request_seconds",
+            "Request latency including Kafka acks.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+
+
+def create_app(
+    producer: EventProducer,
+    settings: GatewaySettings | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+    clock: Callable[[], float] = time.time,
+) -> Starlette:
+    """Build the gateway app around a producer (injected so tests and services share one)."""
+    settings = settings or GatewaySettings()
+    registry = registry or CollectorRegistry()
+    metrics = _Metrics(registry)
+    decoders = {"clicks": decode_click, "impressions": decode_impression}
+    topics = {"clicks": producer.topics.clicks, "impressions": producer.topics.impressions}
+    token = settings.token.get_secret_value().encode() if settings.token else None
+
+    def authorised(request: Request) -> bool:
+        if token is None:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, supplied = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(supplied.encode(), token)
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
+            raise _BodyTooLarge
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_body_bytes:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def ingest(kind: Kind, body: bytes) -> Response:
+        try:
+            raws = split_batch(body)
+        except EventError as exc:
+            metrics.events.labels(kind, "rejected").inc()
+            return JSONResponse(
+                {"error": "bad request", "errors": [{"index": None, "reason": exc.reason}]},
+                status_code=400,
+            )
+        if len(raws) > settings.max_batch:
+            return JSONResponse(
+                {"error": f"batch of {len(raws)} events exceeds {settings.max_batch}"},
+                status_code=413,
+            )
+        if not raws:
+            return JSONResponse({"error": "empty batch"}, status_code=400)
+        events, errors = [], []
+        now = clock()
+        for index, raw in enumerate(raws):
+            try:
+                event = decoders[kind](raw)
+                check_clock(event.ts, now)
+                events.append(event)
+            except EventError as exc:
+                errors.append({"index": index, "reason": exc.reason})
+        if errors:
+            metrics.events.labels(kind, "rejected").inc(len(raws))
+            return JSONResponse(
+                {
+                    "error": f"{len(errors)} of {len(raws)} events invalid; none accepted",
+                    "errors": errors[:100],
+                },
+                status_code=400,
+            )
+        futures = [producer.send_raw(topics[kind], e.user_id, encode(e)) for e in events]
+        try:
+            producer.wait(futures, settings.produce_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - any Kafka failure is a 503 for the client
+            log.error("produce to %s failed: %s", topics[kind], exc)
+            metrics.events.labels(kind, "unavailable").inc(len(events))
+            return JSONResponse(
+                {
+                    "error": f"Kafka unavailable: {type(exc).__name__}; retry the batch "
+                    "(event ids make retries safe)"
+                },
+                status_code=503,
+            )
+        metrics.events.labels(kind, "accepted").inc(len(events))
+        return JSONResponse({"accepted": len(events)}, status_code=202)
+
+    def endpoint(kind: Kind):  # type: ignore[no-untyped-def]
+        route = f"/v1/{kind}"
+
+        async def handle(request: Request) -> Response:
+            started = time.perf_counter()
+            if not authorised(request):
+                response: Response = JSONResponse(
+                    {"error": "missing or invalid bearer token"},
+                    status_code=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            else:
+                try:
+                    body = await read_body(request)
+                except _BodyTooLarge:
+                    response = JSONResponse(
+                        {"error": f"body exceeds {settings.max_body_bytes} bytes"},
+                        status_code=413,
+                    )
+                else:
+                    response = await run_in_threadpool(ingest, kind, body)
+            metrics.requests.labels(route, str(response.status_code)).inc()
+            metrics.latency.labels(route).observe(time.perf_counter() - started)
+            return response
+
+        return handle
+
+    async def healthz(request: Request) -> Response:
+        with anyio.move_on_after(3):
+            if await run_in_threadpool(producer.connected):
+                return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "kafka unreachable"}, status_code=503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/v1/clicks", endpoint("clicks"), methods=["POST"]),
+            Route("/v1/impressions", endpoint("impressions"), methods=["POST"]),
+            Route("/healthz", healthz),
+            Route("/metrics", metrics_endpoint),
+        ]
+    )
+
+
+def serve(settings: GatewaySettings | None = None) -> int:
+    """Run the gateway with uvicorn until SIGTERM."""
+    import uvicorn
+
+    from services.common import logs
+    from services.common.settings import KafkaSettings, TopicSettings
+
+    logs.configure("gateway")
+    settings = settings or GatewaySettings()
+    producer = EventProducer(KafkaSettings(), TopicSettings())
+    app = create_app(producer, settings)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    finally:
+        producer.close()
+    return 0
