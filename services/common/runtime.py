@@ -141,8 +141,8 @@ class Processor(ABC):
     def tick(self, now: float, ctx: Context) -> None:  # noqa: B027 - optional hook
         """Called after every poll, also when it returned nothing."""
 
-    def after_checkpoint(self, partitions: Sequence[int]) -> None:  # noqa: B027 - optional hook
-        """Called after a checkpoint of ``partitions`` was written (e.g. to publish)."""
+    def after_checkpoint(self, checkpoints: Mapping[int, Checkpoint]) -> None:  # noqa: B027
+        """Called after these partitions' checkpoints were written (e.g. to publish)."""
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -391,7 +391,7 @@ class ConsumerRuntime:
         self.metrics.checkpoint_seconds.labels(self.service).observe(time.perf_counter() - started)
         self.metrics.checkpoint_timestamp.labels(self.service).set(time.time())
         self._commit(targets)
-        self.processor.after_checkpoint(targets)
+        self.processor.after_checkpoint({p: self._owned[p] for p in targets})
         return True
 
     def _commit(self, partitions: Sequence[int]) -> None:

@@ -1,0 +1,277 @@
+"""A faiss index that follows its Redis pointer and swaps new snapshots in without downtime.
+
+A background thread polls the pointer key. When the pointer names a newer
+version, the thread loads and verifies that snapshot (checksums, count,
+dimension) off the query path and then swaps one reference to an immutable
+:class:`LoadedIndex`. :meth:`ReloadableIndex.search` reads that reference once
+and works on its own copy of it, so there is no lock on the query path: a query
+never waits for a load and never sees half of a swap, and the old index stays
+alive until the last query holding it returns.
+
+A snapshot that fails verification is refused: the last good index keeps
+serving, ``streamrec_index_swap_failures_total`` counts the refusal and the log
+says why. A refused pointer is not retried until the pointer moves again.
+
+Metrics (in the injected registry; one ``ReloadableIndex`` per registry):
+``streamrec_index_version``, ``streamrec_index_age_seconds`` (now minus the
+snapshot's build time, computed at scrape), ``streamrec_index_items``,
+``streamrec_index_swaps_total``, ``streamrec_index_swap_failures_total`` and
+``streamrec_index_swap_duration_seconds`` (pointer seen → new index serving).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import redis
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.index.snapshot import Manifest, Pointer, SnapshotError, read_pointer, read_snapshot
+
+log = logging.getLogger(__name__)
+
+
+class IndexNotReady(RuntimeError):
+    """No snapshot has been loaded yet (nothing published, or every one refused)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedIndex:
+    """One loaded, verified snapshot: what a query reads, as one immutable reference."""
+
+    index: faiss.Index
+    item_ids: tuple[str, ...]
+    manifest: Manifest
+
+
+class ReloadableIndex:
+    """Nearest-item search over the snapshot the Redis pointer names, reloaded in the background.
+
+    Args:
+        redis_client: where the pointer lives.
+        pointer_key: ``KeySpace().index_current(name)``.
+        poll_interval: seconds between pointer reads.
+        registry: Prometheus registry for the metrics; ``None`` gives a private one
+            (see :attr:`registry`).
+        threads: OpenMP threads faiss may use per query (set in each querying thread);
+            1 suits many concurrent single-vector queries.
+        dimension: the vector dimension callers query with; ``None`` takes it from the
+            first snapshot loaded. Snapshots of another dimension are refused.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        pointer_key: str,
+        *,
+        poll_interval: float = 0.5,
+        registry: CollectorRegistry | None = None,
+        threads: int = 1,
+        dimension: int | None = None,
+    ) -> None:
+        if not (math.isfinite(poll_interval) and poll_interval > 0):
+            raise ValueError(f"poll_interval must be a positive number, got {poll_interval!r}")
+        if int(threads) != threads or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        if dimension is not None and (int(dimension) != dimension or dimension < 1):
+            raise ValueError(f"dimension must be a positive integer, got {dimension!r}")
+        self._redis = redis_client
+        self.pointer_key = pointer_key
+        self.poll_interval = float(poll_interval)
+        self.threads = int(threads)
+        self._dimension = dimension
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self._current: LoadedIndex | None = None
+        # Serialises loaders (the poller and explicit refresh() calls); search never takes it.
+        self._load_lock = threading.Lock()
+        # Wakes wait_for_version(); also never taken by search.
+        self._swapped = threading.Condition()
+        self._refused: Pointer | None = None
+        self._thread_config = threading.local()
+        self._stop = threading.Event()
+        self._define_metrics()
+        self._thread = threading.Thread(
+            target=self._poll, name=f"reloadable-index:{pointer_key}", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def current(self) -> LoadedIndex:
+        """The snapshot now serving; raises :class:`IndexNotReady` before the first one."""
+        current = self._current
+        if current is None:
+            raise IndexNotReady(f"no index snapshot loaded yet from {self.pointer_key!r}")
+        return current
+
+    @property
+    def version(self) -> int | None:
+        """Version of the snapshot now serving, ``None`` before the first one."""
+        current = self._current
+        return None if current is None else current.manifest.version
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        """The ``k`` nearest items to each query vector.
+
+        ``vectors`` is ``(m, d)`` or a single ``(d,)`` query (answered as ``m = 1``).
+        Returns ``m`` lists of item ids, best first, and scores ``float32 (m, k')``
+        with ``k' = min(k, items)``: inner products for ``ip`` (higher is better),
+        squared distances for ``l2`` (lower is better). Where an approximate index
+        finds fewer than ``k'`` items a row's id list is shorter and the missing
+        scores are NaN.
+        """
+        current = self.current  # the one read of the shared reference
+        queries = np.asarray(vectors, dtype=np.float32)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        dimension = current.manifest.dimension
+        if queries.ndim != 2 or queries.shape[1] != dimension:
+            raise ValueError(
+                f"query vectors must have shape (m, {dimension}) or ({dimension},),"
+                f" got {np.shape(vectors)}"
+            )
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        width = min(int(k), current.manifest.count)
+        if width == 0 or len(queries) == 0:
+            return [[] for _ in range(len(queries))], np.zeros((len(queries), 0), np.float32)
+        self._configure_thread()
+        scores, rows = current.index.search(np.ascontiguousarray(queries), width)
+        ids = current.item_ids
+        found = [[ids[row] for row in hits if row >= 0] for hits in rows]
+        return found, np.where(rows >= 0, scores, np.float32(np.nan))
+
+    def refresh(self) -> bool:
+        """Read the pointer once and swap in a newer snapshot; True if one was swapped in.
+
+        The poller calls this every ``poll_interval``; callers may too (at startup,
+        to serve as soon as possible). Redis errors are logged and leave the
+        current index serving.
+        """
+        with self._load_lock:
+            try:
+                pointer = read_pointer(self._redis, self.pointer_key)
+            except redis.RedisError as exc:
+                log.warning("cannot read index pointer %s: %s", self.pointer_key, exc)
+                return False
+            except SnapshotError as exc:
+                log.error("index pointer %s: %s", self.pointer_key, exc)
+                return False
+            if pointer is None or pointer == self._refused:
+                return False
+            current = self._current
+            if current is not None and pointer.version <= current.manifest.version:
+                return False
+            started = time.perf_counter()
+            try:
+                loaded = self._load(pointer)
+            except Exception as exc:
+                self._refused = pointer
+                self._swap_failures.inc()
+                reason = exc.reason if isinstance(exc, SnapshotError) else repr(exc)
+                log.error(
+                    "refused index snapshot v%d (%s): %s; still serving v%s",
+                    pointer.version,
+                    pointer.path,
+                    reason,
+                    self.version,
+                )
+                return False
+            self._current = loaded  # the swap: one reference assignment
+            self._swap_seconds.observe(time.perf_counter() - started)
+            self._swaps.inc()
+            self._version_gauge.set(loaded.manifest.version)
+            self._items_gauge.set(loaded.manifest.count)
+        with self._swapped:
+            self._swapped.notify_all()
+        log.info(
+            "index v%d serving (%s, %d items)",
+            loaded.manifest.version,
+            loaded.manifest.kind,
+            loaded.manifest.count,
+        )
+        return True
+
+    def wait_for_version(self, version: int, timeout: float) -> bool:
+        """Block until a snapshot at or above ``version`` serves; False on timeout."""
+        with self._swapped:
+            return self._swapped.wait_for(lambda: (self.version or 0) >= version, timeout=timeout)
+
+    def close(self) -> None:
+        """Stop the poller. Searches keep answering from the last snapshot."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> ReloadableIndex:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception:
+                log.exception("index poller for %s failed; retrying", self.pointer_key)
+            self._stop.wait(self.poll_interval)
+
+    def _load(self, pointer: Pointer) -> LoadedIndex:
+        index, item_ids, manifest = read_snapshot(
+            Path(pointer.path), expected_sha256=pointer.sha256
+        )
+        if manifest.version != pointer.version:
+            raise SnapshotError(
+                f"pointer names v{pointer.version} but the manifest is v{manifest.version}"
+            )
+        current = self._current
+        expected = self._dimension or (current.manifest.dimension if current else None)
+        if expected is not None and manifest.dimension != expected:
+            raise SnapshotError(f"dimension {manifest.dimension}, expected {expected}")
+        return LoadedIndex(index=index, item_ids=tuple(item_ids), manifest=manifest)
+
+    def _configure_thread(self) -> None:
+        # OpenMP thread counts are per calling thread, so each query thread sets its own.
+        if getattr(self._thread_config, "threads", None) != self.threads:
+            faiss.omp_set_num_threads(self.threads)
+            self._thread_config.threads = self.threads
+
+    def _define_metrics(self) -> None:
+        registry = self.registry
+        self._version_gauge = Gauge(
+            "streamrec_index_version", "Version of the index snapshot serving.", registry=registry
+        )
+        self._items_gauge = Gauge(
+            "streamrec_index_items", "Items in the index snapshot serving.", registry=registry
+        )
+        age = Gauge(
+            "streamrec_index_age_seconds",
+            "Seconds since the serving snapshot was built (NaN before the first).",
+            registry=registry,
+        )
+        age.set_function(self._age_seconds)
+        self._swaps = Counter(
+            "streamrec_index_swaps", "Index snapshots swapped in.", registry=registry
+        )
+        self._swap_failures = Counter(
+            "streamrec_index_swap_failures",
+            "Index snapshots refused (unreadable, checksum mismatch, wrong dimension).",
+            registry=registry,
+        )
+        self._swap_seconds = Histogram(
+            "streamrec_index_swap_duration_seconds",
+            "Time from reading a new pointer to its snapshot serving (load, verify, swap).",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry,
+        )
+
+    def _age_seconds(self) -> float:
+        current = self._current
+        return math.nan if current is None else time.time() - current.manifest.build_time

@@ -1,0 +1,233 @@
+"""``streamrec run joiner``: impressions + clicks in, feedback out.
+
+Checkpoints stay small: per partition only the watermark and the earliest
+offsets still needed. On restore the joiner seeks back to those offsets and
+re-reads the log to rebuild its open impressions; records below the
+checkpointed offsets are re-applied silently (their feedback was emitted before
+the checkpoint). Feedback emitted after the last checkpoint may be emitted again
+after a crash; it carries the same sequence numbers, so consumers drop it.
+
+Idle partitions: when a partition with open impressions receives nothing for
+``idle_close_s``, the joiner appends a watermark control record to it, so windows
+close without new traffic and a replay still sees the same decision in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contracts.events import Feedback, decode_click, decode_impression, encode
+from services.common import (
+    Checkpoint,
+    ConsumerRuntime,
+    Context,
+    KafkaSettings,
+    Processor,
+    Record,
+    RedisSettings,
+    Rejection,
+    RuntimeSettings,
+    TopicSettings,
+)
+from services.common.process import run_consumer_service
+from services.joiner.join import PartitionJoin
+
+log = logging.getLogger(__name__)
+
+
+class JoinerSettings(BaseSettings):
+    """Joiner settings (``STREAMREC_JOINER_*``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_JOINER_", env_file=".env", extra="ignore"
+    )
+
+    group: str = "joiner"
+    """``STREAMREC_JOINER_GROUP``: consumer group and checkpoint namespace."""
+    window_s: float = Field(30.0, gt=0)
+    """``STREAMREC_JOINER_WINDOW_S``: a click within this long after the impression counts."""
+    lateness_s: float = Field(5.0, ge=0)
+    """``STREAMREC_JOINER_LATENESS_S``: how far behind the watermark events may still arrive."""
+    idle_close_s: float = Field(2.0, gt=0)
+    """``STREAMREC_JOINER_IDLE_CLOSE_S``: processing time before an idle partition is advanced."""
+
+
+class _State(msgspec.Struct):
+    watermark: float
+    replay_from: dict[str, int]
+
+
+class JoinerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.feedback = Counter(
+            "streamrec_joiner_feedback_total",
+            "Feedback records emitted, by reward.",
+            ["reward"],
+            registry=registry,
+        )
+        self.clicks = Counter(
+            "streamrec_joiner_clicks_total",
+            "Clicks by attribution outcome (matched, duplicate, late, unmatched, not_in_slate).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.open = Gauge(
+            "streamrec_joiner_open_impressions",
+            "Impressions waiting for their attribution window to close.",
+            registry=registry,
+        )
+        self.watermark_delay = Gauge(
+            "streamrec_joiner_watermark_delay_seconds",
+            "Wall-clock time minus the oldest partition watermark.",
+            registry=registry,
+        )
+
+
+class JoinProcessor(Processor):
+    """Runs one :class:`PartitionJoin` per owned partition."""
+
+    def __init__(
+        self,
+        settings: JoinerSettings,
+        topics: TopicSettings,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.metrics = JoinerMetrics(registry or CollectorRegistry())
+        self.joins: dict[int, PartitionJoin] = {}
+        self._last_input: dict[int, float] = {}
+        self._idle_marked: set[int] = set()
+        self._reported: dict[str, int] = {}
+
+    def apply(self, records: list[Record], ctx: Context) -> list[Rejection]:
+        now = time.monotonic()
+        for record in records:
+            join = self.joins[record.partition]
+            if record.topic == self.topics.impressions:
+                closed = join.impression(record.value, record.offset)
+            else:
+                closed = join.click(record.value, record.offset)
+            self._emit(record, closed, ctx)
+            self._last_input[record.partition] = now
+            self._idle_marked.discard(record.partition)
+        self._report()
+        return []
+
+    def control(self, record: Record, ctx: Context) -> None:
+        watermark = msgspec.json.decode(record.raw).get("watermark", 0.0)
+        self._emit(record, self.joins[record.partition].advance(float(watermark)), ctx)
+        self._report()
+
+    def tick(self, now: float, ctx: Context) -> None:
+        clock = time.monotonic()
+        for partition, join in self.joins.items():
+            idle = clock - self._last_input.get(partition, clock)
+            if (
+                join.open
+                and idle >= self.settings.idle_close_s
+                and partition not in self._idle_marked
+            ):
+                watermark = now - self.settings.lateness_s
+                ctx.emit_control(
+                    self.topics.impressions,
+                    partition,
+                    msgspec.json.encode({"watermark": watermark}),
+                )
+                self._idle_marked.add(partition)
+        if self.joins:
+            oldest = min(join.watermark for join in self.joins.values())
+            self.metrics.watermark_delay.set(max(0.0, now - oldest) if oldest else 0.0)
+
+    def _emit(self, record: Record, closed: list[Feedback], ctx: Context) -> None:
+        for fb in closed:
+            ctx.emit(
+                self.topics.feedback,
+                encode(fb),
+                key=fb.user_id.encode(),
+                source_partition=record.partition,
+            )
+            self.metrics.feedback.labels(str(fb.reward)).inc()
+
+    def _report(self) -> None:
+        totals: dict[str, int] = {}
+        for join in self.joins.values():
+            for name, value in join.stats.items():
+                totals[name] = totals.get(name, 0) + value
+        for name, value in totals.items():
+            if name.startswith("clicks_"):
+                delta = value - self._reported.get(name, 0)
+                if delta > 0:
+                    self.metrics.clicks.labels(name.removeprefix("clicks_")).inc(delta)
+            self._reported[name] = value
+        self.metrics.open.set(sum(len(join.open) for join in self.joins.values()))
+
+    def snapshot(self, partition: int) -> bytes:
+        join = self.joins[partition]
+        impressions, clicks = join.replay_from()
+        replay = {}
+        if impressions is not None:
+            replay[self.topics.impressions] = impressions
+        if clicks is not None:
+            replay[self.topics.clicks] = clicks
+        return msgspec.json.encode(_State(watermark=join.watermark, replay_from=replay))
+
+    def restore(self, partition: int, checkpoint: Checkpoint | None) -> Mapping[str, int] | None:
+        join = PartitionJoin(window_s=self.settings.window_s, lateness_s=self.settings.lateness_s)
+        self.joins[partition] = join
+        self._last_input[partition] = time.monotonic()
+        if checkpoint is None or not checkpoint.state:
+            return None
+        state = msgspec.json.decode(checkpoint.state, type=_State)
+        join.resume_after(state.watermark, checkpoint.offsets.get(self.topics.impressions, 0))
+        seek = dict(checkpoint.offsets)
+        for topic, offset in state.replay_from.items():
+            seek[topic] = min(offset, seek.get(topic, offset))
+        if seek != checkpoint.offsets:
+            log.info(
+                "partition %d: re-reading from %s to rebuild open impressions (was at %s)",
+                partition,
+                seek,
+                checkpoint.offsets,
+            )
+        return seek
+
+    def revoke(self, partition: int) -> None:
+        self.joins.pop(partition, None)
+        self._last_input.pop(partition, None)
+        self._idle_marked.discard(partition)
+
+
+def build_runtime(
+    registry: CollectorRegistry,
+    settings: JoinerSettings | None = None,
+    runtime: RuntimeSettings | None = None,
+) -> ConsumerRuntime:
+    settings = settings or JoinerSettings()
+    topics = TopicSettings()
+    return ConsumerRuntime(
+        service="joiner",
+        group=settings.group,
+        inputs={topics.impressions: decode_impression, topics.clicks: decode_click},
+        processor=JoinProcessor(settings, topics, registry),
+        kafka=KafkaSettings(),
+        redis_settings=RedisSettings(),
+        topics=topics,
+        settings=runtime,
+        registry=registry,
+    )
+
+
+def main() -> int:
+    return run_consumer_service("joiner", build_runtime)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""The live view of ``streamrec up --simulate`` (what ``make demo`` shows).
+
+The simulator runs in a thread of the ``up`` process and posts to the gateway;
+every few seconds a progress line shows request and event rates (scraped from
+the services' /metrics), total consumer lag, each policy's recent CTR and the
+model version it is serving. The summary compares each policy's CTR early and
+late in the run with the random policy's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.common.settings import RedisSettings
+from services.paramstore import ParamStore
+from services.simulator.command import make_simulation
+from services.simulator.driver import RANDOM_POLICY, GatewaySink
+from services.stack.supervisor import Supervisor
+
+SHOW_EVERY_S = 5.0
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Totals of the runtime's series from one /metrics endpoint (empty if it is down)."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return {}
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "streamrec_consumer_events_total":
+                key = f"events_{sample.labels['outcome']}"
+            elif sample.name == "streamrec_consumer_lag_records":
+                key = "lag"
+            else:
+                continue
+            totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+class Demo:
+    """Runs the simulator against a supervised stack and reports progress."""
+
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        env: Mapping[str, str],
+        *,
+        seed: int,
+        rate: float,
+        gateway_port: int | None,
+    ) -> None:
+        if gateway_port is None:
+            raise ValueError("the demo drives the stack through the gateway; start it too")
+        self.supervisor = supervisor
+        self.store = ParamStore.from_settings(RedisSettings(url=env["REDIS_URL"]))
+        self.sink = GatewaySink(f"http://127.0.0.1:{gateway_port}")
+        self.simulation, self.policies = make_simulation(
+            sink=self.sink, seed=seed, rate=rate, store=self.store
+        )
+        self.thread = threading.Thread(target=self._run, name="simulator", daemon=True)
+        self._last_show = 0.0
+        self._last_applied = 0.0
+        self._last_requests = 0
+
+    def _run(self) -> None:
+        self._wait_for_gateway()
+        self.simulation.run()
+
+    def _wait_for_gateway(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if self.sink.client.get("/healthz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("gateway did not become healthy within 60 s")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def show(self) -> None:
+        now = time.monotonic()
+        if now - self._last_show < SHOW_EVERY_S or not self.simulation.started:
+            return
+        interval = now - self._last_show if self._last_show else SHOW_EVERY_S
+        self._last_show = now
+        totals: dict[str, float] = {}
+        for service in self.supervisor.services.values():
+            for key, value in scrape(service.metrics_port).items():
+                totals[key] = totals.get(key, 0.0) + value
+        applied = totals.get("events_applied", 0.0)
+        requests = sum(s.requests for s in self.simulation.stats.values())
+        elapsed = now - self.simulation.started
+        line = (
+            f"[{elapsed:5.0f}s] requests/s {(requests - self._last_requests) / interval:6.0f}"
+            f"  consumed/s {(applied - self._last_applied) / interval:7.0f}"
+            f"  lag {totals.get('lag', 0):6.0f}  |"
+        )
+        self._last_applied, self._last_requests = applied, requests
+        for policy, stats in sorted(self.simulation.stats.items()):
+            recent = stats.ctr_between(max(0.0, elapsed - 15), elapsed)
+            version = "" if policy == RANDOM_POLICY else f" v{self.policies.learner(policy)[0]}"
+            line += f" {policy} {recent:.3f}{version}"
+        print(line, flush=True)
+
+    def stop(self) -> None:
+        self.simulation.stop()
+        self.thread.join(30)
+        self.policies.close()
+        self.sink.close()
+        self.store.close()
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        result = dict(self.simulation.summary())
+        print("\npolicy      requests   CTR    CTR first 1/5  CTR last 1/5  regret/request")
+        for policy, row in result.items():
+            print(
+                f"{policy:<10} {row['requests']:>9.0f}  {row['ctr']:.3f}   "
+                f"{row['ctr_first_fifth']:.3f}          {row['ctr_last_fifth']:.3f}"
+                f"         {row['regret_per_request']:.3f}"
+            )
+        baseline = result.get(RANDOM_POLICY, {}).get("ctr_last_fifth", 0.0)
+        learners = [p for p in result if p != RANDOM_POLICY]
+        beating = [p for p in learners if result[p]["ctr_last_fifth"] > baseline]
+        print(
+            f"\n{len(beating)} of {len(learners)} learning policies beat random "
+            f"({baseline:.3f}) in the last fifth of the run: {', '.join(beating) or 'none'}"
+        )
+        if self.simulation.errors:
+            print("simulator errors:", "; ".join(self.simulation.errors))
+        return result

@@ -1,0 +1,260 @@
+"""``streamrec up``, ``down`` and ``status``: the whole system on one machine.
+
+``up`` starts Tansu and redis-server on free loopback ports (or uses
+``--kafka``/``--redis``), creates the topics, starts every service as its own
+supervised process, optionally drives it with the simulator while showing live
+progress, and on Ctrl-C/SIGTERM stops everything. Its state (pids, ports, URLs)
+is in ``RUN_DIR/stack.json`` for ``status`` and ``down``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import httpx
+
+from services.stack.servers import (
+    ManagedProcess,
+    ensure_topics,
+    free_port,
+    start_broker,
+    start_redis,
+)
+from services.stack.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RUN_DIR = Path(".streamrec")
+#: Services `up` starts, in order, when they are installed in this build.
+STACK_SERVICES = ("gateway", "joiner", "bandits", "sequences", "embeddings", "drn", "serving")
+
+
+def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=DEFAULT_RUN_DIR,
+        help="where stack.json and logs live (default: .streamrec)",
+    )
+
+
+def add_up_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_dir_argument(parser)
+    parser.add_argument("--kafka", help="use this Kafka (host:port) instead of starting Tansu")
+    parser.add_argument("--redis", help="use this Redis URL instead of starting redis-server")
+    parser.add_argument("--partitions", type=int, default=4, help="partitions per topic")
+    parser.add_argument(
+        "--services",
+        default=",".join(STACK_SERVICES),
+        help="comma-separated services to start (default: all installed)",
+    )
+    parser.add_argument("--gateway-port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument(
+        "--simulate",
+        action="store_true",
+        help="drive the stack with the simulator and show live progress",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="with --simulate: stop everything after this many seconds",
+    )
+    parser.add_argument(
+        "--rate", type=float, default=300.0, help="with --simulate: requests per second"
+    )
+    parser.add_argument("--seed", type=int, default=7, help="simulator seed")
+
+
+def _write_state(run_dir: Path, state: dict) -> None:
+    tmp = run_dir / "stack.json.tmp"
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, run_dir / "stack.json")
+
+
+def _read_state(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "stack.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def up(args: argparse.Namespace) -> int:
+    """Start the embedded stack (broker, Redis, every service) and supervise it."""
+    from services.cli import available_services
+    from services.common import logs
+
+    logs.configure("stack")
+    run_dir: Path = args.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = _read_state(run_dir)
+    if previous and _alive(previous["pid"]):
+        print(
+            f"a stack is already running (pid {previous['pid']}); `streamrec down` first",
+            file=sys.stderr,
+        )
+        return 1
+
+    stopping = False
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    servers: list[ManagedProcess] = []
+    supervisor: Supervisor | None = None
+    try:
+        if args.kafka:
+            bootstrap = args.kafka
+        else:
+            broker = start_broker(run_dir / "logs")
+            servers.append(broker.process)
+            bootstrap = broker.bootstrap
+        if args.redis:
+            redis_url = args.redis
+        else:
+            redis_server = start_redis(run_dir / "redis")
+            servers.append(redis_server.process)
+            redis_url = redis_server.url
+        env = {
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "REDIS_URL": redis_url,
+            "STREAMREC_TOPIC_PARTITIONS": str(args.partitions),
+            "STREAMREC_SNAPSHOT_DIR": str(run_dir / "snapshots"),
+        }
+        os.environ.update(env)
+        from services.common.settings import KafkaSettings, TopicSettings
+
+        topics = TopicSettings()
+        ensure_topics(KafkaSettings().admin(), topics.all())
+
+        supervisor = Supervisor(run_dir, env)
+        wanted = [s for s in args.services.split(",") if s]
+        installed = set(available_services())
+        gateway_port = args.gateway_port or free_port()
+        serving_port = free_port()
+        for name in wanted:
+            if name not in installed:
+                continue
+            if name == "gateway":
+                supervisor.add(name, {"STREAMREC_GATEWAY_PORT": str(gateway_port)}, gateway_port)
+            elif name == "serving":
+                supervisor.add(name, {"STREAMREC_SERVING_PORT": str(serving_port)}, serving_port)
+            else:
+                supervisor.add(name)
+        state = {
+            "pid": os.getpid(),
+            "started_at": time.time(),
+            "kafka": bootstrap,
+            "redis": redis_url,
+            "servers": {p.name: p.pid for p in servers},
+            "services": {
+                name: {
+                    "pid": s.process.pid,
+                    "metrics_port": s.metrics_port,
+                    "http_port": s.http_port,
+                    "log": str(s.process.log_path),
+                }
+                for name, s in supervisor.services.items()
+            },
+        }
+        _write_state(run_dir, state)
+        print(
+            f"streamrec up: kafka {bootstrap}, redis {redis_url}, "
+            f"services {', '.join(supervisor.services)}; logs in {run_dir / 'logs'}"
+        )
+        if "gateway" in supervisor.services:
+            print(f"gateway: http://127.0.0.1:{gateway_port}/v1/clicks")
+
+        demo = None
+        if args.simulate:
+            from services.simulator.demo import Demo
+
+            demo = Demo(
+                supervisor,
+                env,
+                seed=args.seed,
+                rate=args.rate,
+                gateway_port=gateway_port if "gateway" in supervisor.services else None,
+            )
+            demo.start()
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while not stopping and (deadline is None or time.monotonic() < deadline):
+            for event in supervisor.check():
+                log.warning(event)
+            if demo is not None:
+                demo.show()
+            time.sleep(1.0)
+        if demo is not None:
+            demo.stop()
+            demo.summary()
+        return 0
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+        for process in reversed(servers):
+            process.stop()
+        (run_dir / "stack.json").unlink(missing_ok=True)
+        print("streamrec stopped: all processes ended")
+
+
+def down(args: argparse.Namespace) -> int:
+    """Stop a running stack (its supervisor stops every process it started)."""
+    state = _read_state(args.run_dir)
+    if state is None:
+        print("no stack running here")
+        return 0
+    pid = state["pid"]
+    if _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    leftovers = [
+        p
+        for p in (*state["servers"].values(), *(s["pid"] for s in state["services"].values()))
+        if _alive(p)
+    ]
+    for leftover in leftovers:
+        os.kill(leftover, signal.SIGKILL)
+    (args.run_dir / "stack.json").unlink(missing_ok=True)
+    print(f"stopped stack {pid}" + (f" (killed {len(leftovers)} leftovers)" if leftovers else ""))
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    """Show what a running stack consists of and whether each part answers."""
+    state = _read_state(args.run_dir)
+    if state is None or not _alive(state["pid"]):
+        print("no stack running here")
+        return 1
+    print(f"stack pid {state['pid']}  kafka {state['kafka']}  redis {state['redis']}")
+    for name, info in state["services"].items():
+        try:
+            httpx.get(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=2)
+            health = "up"
+        except httpx.HTTPError:
+            health = "not answering"
+        print(f"  {name:<11} pid {info['pid']:<7} metrics :{info['metrics_port']:<6} {health}")
+    return 0
