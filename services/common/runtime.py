@@ -112,7 +112,15 @@ class Context:
 
 
 class Processor(ABC):
-    """A service's logic. State is kept per partition number (all input topics)."""
+    """A service's logic. State is kept per partition number (all input topics).
+
+    A processor whose state is one global model rather than per-partition
+    statistics (DRN) sets ``checkpoint_all_owned``: every checkpoint then writes
+    all owned partitions together, so the stored model always matches the
+    stored offsets of every partition.
+    """
+
+    checkpoint_all_owned: bool = False
 
     @abstractmethod
     def apply(self, records: list[Record], ctx: Context) -> list[Rejection]:
@@ -370,10 +378,10 @@ class ConsumerRuntime:
         self._checkpoint_requested = False
         self._last_checkpoint = self.clock()
         targets = list(partitions if partitions is not None else self._owned)
-        if not force:
-            targets = [p for p in targets if p in self._dirty]
-        if not targets:
+        if not self._dirty.intersection(targets) and not force:
             return True
+        if not force and not self.processor.checkpoint_all_owned:
+            targets = [p for p in targets if p in self._dirty]
         started = time.perf_counter()
         if self._producer_client is not None:
             # Emitted and dead-lettered records must be durable before the offsets

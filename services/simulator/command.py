@@ -10,7 +10,7 @@ import threading
 from services.bandits.service import BanditsSettings
 from services.common.settings import KafkaSettings, RedisSettings, TopicSettings
 from services.paramstore import ParamStore
-from services.simulator.driver import GatewaySink, KafkaSink, Simulation, StorePolicies
+from services.simulator.driver import GatewaySink, KafkaSink, LocalPolicies, Simulation
 from services.simulator.world import World, WorldConfig
 
 #: The world `make demo` and `streamrec simulate` use by default: small enough that
@@ -34,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_simulation(
     *, sink, seed: int, rate: float, epsilon: float = 0.05, store: ParamStore | None = None
-) -> tuple[Simulation, StorePolicies]:
+) -> tuple[Simulation, LocalPolicies]:
     world = World(DEMO_WORLD, seed=seed)
-    policies = StorePolicies(
+    policies = LocalPolicies.from_store(
         store, BanditsSettings(), slate_size=DEMO_WORLD.slate_size, epsilon=epsilon, seed=seed
     )
     return Simulation(world, policies, sink, rate=rate, seed=seed), policies

@@ -19,10 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.common.settings import RedisSettings
 from services.paramstore import ParamStore
 from services.simulator.command import make_simulation
-from services.simulator.driver import RANDOM_POLICY, GatewaySink
+from services.simulator.driver import GatewaySink
 from services.stack.supervisor import Supervisor
 
 SHOW_EVERY_S = 5.0
+RANDOM_POLICY = "random"
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -108,7 +109,7 @@ class Demo:
         self._last_applied, self._last_requests = applied, requests
         for policy, stats in sorted(self.simulation.stats.items()):
             recent = stats.ctr_between(max(0.0, elapsed - 15), elapsed)
-            version = "" if policy == RANDOM_POLICY else f" v{self.policies.learner(policy)[0]}"
+            version = "" if policy == RANDOM_POLICY else f" v{self.policies.version(policy)}"
             line += f" {policy} {recent:.3f}{version}"
         print(line, flush=True)
 

@@ -10,7 +10,6 @@ with real wall-clock event times, so the joiner and learners see live traffic.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -23,93 +22,84 @@ import httpx
 import numpy as np
 
 from contracts.events import Click, Impression, SlateItem, encode
-from services.bandits.base import BanditLearner
-from services.bandits.features import policy_features
 from services.bandits.service import BanditsSettings, build_learner
 from services.paramstore import ParamStore, ParamWatcher
-from services.serving.slate import build_slate
+from services.serving.policies import (
+    BanditPolicy,
+    PolicyRouter,
+    RandomPolicy,
+    RankedSlate,
+    RankingPolicy,
+    RankRequest,
+)
 from services.simulator.world import Request, World
 
 log = logging.getLogger(__name__)
-
-RANDOM_POLICY = "random"
-
-
-def assign_policy(user_id: str, policies: list[str]) -> str:
-    """The policy a user is served by: a stable hash, so a user keeps their policy."""
-    digest = hashlib.blake2b(user_id.encode(), digest_size=8).digest()
-    return policies[int.from_bytes(digest, "little") % len(policies)]
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     policy: str
-    model_version: int
-    items: list[str]
-    propensities: list[float]
+    slate: RankedSlate
 
 
 class SlateSource(Protocol):
-    """Where slates come from: in-process policies now, the serving API later."""
+    """Where slates come from: in-process policies, or the serving API."""
 
     def decide(self, request: Request, world: World) -> Decision: ...
 
 
-class StorePolicies:
-    """Policies scored with the newest parameters in the store (or the prior before any)."""
+class LocalPolicies:
+    """Serving-free recommendation consumer: policies scored in-process with store params."""
 
     def __init__(
-        self,
+        self, policies: Mapping[str, RankingPolicy], *, slate_size: int, seed: int = 0
+    ) -> None:
+        self.policies = dict(policies)
+        self.router = PolicyRouter({name: 1.0 for name in self.policies})
+        self.slate_size = slate_size
+        self.rng = np.random.default_rng(seed)
+
+    @classmethod
+    def from_store(
+        cls,
         store: ParamStore | None,
         settings: BanditsSettings,
         *,
         slate_size: int,
         epsilon: float = 0.05,
         seed: int = 0,
-        include_random: bool = True,
-    ) -> None:
-        self.settings = settings
-        self.slate_size = slate_size
-        self.epsilon = epsilon
-        self.rng = np.random.default_rng(seed)
-        self.policies = ([RANDOM_POLICY] if include_random else []) + list(settings.policies)
-        self.priors = {p: build_learner(spec, settings) for p, spec in settings.policies.items()}
-        self.watchers = (
-            {
-                policy: ParamWatcher(store, policy, poll_interval_s=0.2)
-                for policy in settings.policies
-            }
-            if store is not None
-            else {}
-        )
+    ) -> LocalPolicies:
+        """The random baseline plus one hot-reloaded policy per configured bandit."""
+        policies: dict[str, RankingPolicy] = {"random": RandomPolicy()}
+        for name, spec in settings.policies.items():
+            watcher = ParamWatcher(store, name, poll_interval_s=0.2) if store else None
+            policies[name] = BanditPolicy(
+                name, build_learner(spec, settings), watcher, epsilon=epsilon
+            )
+        return cls(policies, slate_size=slate_size, seed=seed)
 
-    def learner(self, policy: str) -> tuple[int, BanditLearner]:
-        watcher = self.watchers.get(policy)
-        if watcher is not None and watcher.version is not None:
-            return watcher.current()
-        return 0, self.priors[policy]
+    def version(self, name: str) -> int:
+        policy = self.policies[name]
+        return policy.learner()[0] if isinstance(policy, BanditPolicy) else 0
 
     def decide(self, request: Request, world: World) -> Decision:
-        policy = assign_policy(request.user_id, self.policies)
-        n = len(request.candidates)
-        if policy == RANDOM_POLICY:
-            picks = self.rng.choice(n, size=min(self.slate_size, n), replace=False)
-            share = len(picks) / n
-            return Decision(policy, 0, [request.candidates[i] for i in picks], [share] * len(picks))
-        version, learner = self.learner(policy)
-        X = policy_features(learner.name, request.context, world.item_features(request.candidates))
-        scores = learner.score(request.candidate_labels, X)
-        slate = build_slate(scores, self.slate_size, self.epsilon, self.rng)
-        return Decision(
-            policy,
-            version,
-            [request.candidates[i] for i in slate.indices],
-            slate.propensities.tolist(),
+        name = self.router.assign(request.user_id)
+        rank_request = RankRequest(
+            user_id=request.user_id,
+            context=request.context,
+            candidates=request.candidates,
+            candidate_labels=request.candidate_labels,
+            item_features=world.item_features(request.candidates),
+            k=self.slate_size,
+            ts=request.ts,
         )
+        return Decision(name, self.policies[name].rank(rank_request, self.rng))
 
     def close(self) -> None:
-        for watcher in self.watchers.values():
-            watcher.close()
+        for policy in self.policies.values():
+            if isinstance(policy, BanditPolicy):
+                policy.close()
 
 
 class EventSink(Protocol):
@@ -167,6 +157,30 @@ class KafkaSink:
 
     def close(self) -> None:
         self.producer.close()
+
+
+def slate_impression(
+    request_id: str, user_id: str, ts: float, policy: str, slate: RankedSlate, context: np.ndarray
+) -> Impression:
+    """The Impression that logs a served slate."""
+    features = slate.item_features or [[] for _ in slate.items]
+    teams = slate.teams or [None] * len(slate.items)
+    return Impression(
+        request_id=request_id,
+        user_id=user_id,
+        ts=ts,
+        policy=policy,
+        model_version=slate.model_version,
+        context=slate.context if slate.context is not None else context.tolist(),
+        slate=[
+            SlateItem(
+                item_id=item, position=pos, propensity=min(1.0, prop), team=team, features=feats
+            )
+            for pos, (item, prop, team, feats) in enumerate(
+                zip(slate.items, slate.propensities, teams, features, strict=True)
+            )
+        ],
+    )
 
 
 @dataclass
