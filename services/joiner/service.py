@@ -104,7 +104,7 @@ class JoinProcessor(Processor):
         self.metrics = JoinerMetrics(registry or CollectorRegistry())
         self.joins: dict[int, PartitionJoin] = {}
         self._last_input: dict[int, float] = {}
-        self._idle_marked: set[int] = set()
+        self._last_control: dict[int, float] = {}
         self._reported: dict[str, int] = {}
 
     def apply(self, records: list[Record], ctx: Context) -> list[Rejection]:
@@ -117,7 +117,6 @@ class JoinProcessor(Processor):
                 closed = join.click(record.value, record.offset)
             self._emit(record, closed, ctx)
             self._last_input[record.partition] = now
-            self._idle_marked.discard(record.partition)
         self._report()
         return []
 
@@ -128,20 +127,21 @@ class JoinProcessor(Processor):
 
     def tick(self, now: float, ctx: Context) -> None:
         clock = time.monotonic()
+        every = self.settings.idle_close_s
         for partition, join in self.joins.items():
-            idle = clock - self._last_input.get(partition, clock)
-            if (
-                join.open
-                and idle >= self.settings.idle_close_s
-                and partition not in self._idle_marked
-            ):
+            quiet = min(
+                clock - self._last_input.get(partition, clock),
+                clock - self._last_control.get(partition, float("-inf")),
+            )
+            if join.open and quiet >= every:
+                # Repeated while the partition stays idle, until every window has closed.
                 watermark = now - self.settings.lateness_s
                 ctx.emit_control(
                     self.topics.impressions,
                     partition,
                     msgspec.json.encode({"watermark": watermark}),
                 )
-                self._idle_marked.add(partition)
+                self._last_control[partition] = clock
         if self.joins:
             oldest = min(join.watermark for join in self.joins.values())
             self.metrics.watermark_delay.set(max(0.0, now - oldest) if oldest else 0.0)
@@ -202,7 +202,7 @@ class JoinProcessor(Processor):
     def revoke(self, partition: int) -> None:
         self.joins.pop(partition, None)
         self._last_input.pop(partition, None)
-        self._idle_marked.discard(partition)
+        self._last_control.pop(partition, None)
 
 
 def build_runtime(

@@ -1,0 +1,173 @@
+"""``streamrec evaluate``: compare policies online on the simulated world, or offline on a log.
+
+Online (default): every policy in ``--policies`` runs ``--steps`` requests on the
+same seeded world; prints final CTR and regret, and with ``--out DIR`` writes
+``results.json``, ``ctr.png`` and ``regret.png``.
+
+Offline: ``--replay FILE.jsonl`` runs Li et al.'s replay evaluator of each
+(learning) policy over a Feedback log; ``--ips FILE.jsonl`` trains each policy
+on the log's head and estimates the frozen policy's value on the rest with IPS,
+SNIPS and doubly robust estimators. Both use the logged slates' top position
+(see :mod:`services.evaluation.replay`), so the log must come from a uniformly
+random logger (select it with ``--logging-policy`` if the log mixes policies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from services.evaluation.estimators import Estimate
+from services.evaluation.online import POLICY_NAMES, make_policy, simulate
+from services.evaluation.replay import (
+    LoggedEvent,
+    frozen_policy_estimates,
+    read_feedback_log,
+    replay,
+    top_slot_events,
+)
+from services.simulator.world import SCENARIOS, WorldConfig
+
+
+def _policy_list(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one policy")
+    if unknown := [n for n in names if n not in POLICY_NAMES]:
+        raise argparse.ArgumentTypeError(
+            f"unknown policies {unknown}; choose from {','.join(POLICY_NAMES)}"
+        )
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError("a policy is listed twice")
+    return names
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
+    return number
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``evaluate`` options to ``parser``."""
+    parser.add_argument(
+        "--policies",
+        type=_policy_list,
+        default=["linucb", "ts_beta", "random"],
+        help=f"comma-separated, from {','.join(POLICY_NAMES)} (default: linucb,ts_beta,random)",
+    )
+    parser.add_argument("--steps", type=_positive_int, default=20_000, help="online requests")
+    parser.add_argument("--seed", type=int, default=0, help="world and policy seed")
+    parser.add_argument("--scenario", choices=SCENARIOS, default="linear", help="click model")
+    parser.add_argument(
+        "--window", type=_positive_int, help="CTR window in requests (default: steps / 50)"
+    )
+    parser.add_argument("--out", type=Path, help="directory for results.json and PNG plots")
+    offline = parser.add_mutually_exclusive_group()
+    offline.add_argument(
+        "--replay", type=Path, metavar="FILE.jsonl", help="replay-evaluate on a Feedback log"
+    )
+    offline.add_argument(
+        "--ips", type=Path, metavar="FILE.jsonl", help="IPS/SNIPS/DR-evaluate on a Feedback log"
+    )
+    parser.add_argument(
+        "--logging-policy", help="use only slates served by this policy (offline modes)"
+    )
+    parser.add_argument(
+        "--train-fraction",
+        type=float,
+        default=0.5,
+        help="share of the log the --ips policies learn from before being frozen (default 0.5)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the evaluation ``args`` describe; 0 on success, 2 on bad input."""
+    try:
+        if args.replay or args.ips:
+            report = _offline(args)
+        else:
+            report = _online(args)
+    except (OSError, ValueError) as exc:
+        print(f"evaluate: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out / 'results.json'}")
+    return 0
+
+
+def _online(args: argparse.Namespace) -> dict[str, Any]:
+    config = WorldConfig(scenario=args.scenario)
+    policies = {
+        name: make_policy(
+            name,
+            context_dim=config.context_dim,
+            item_dim=config.item_dim,
+            seed=args.seed,
+        )
+        for name in args.policies
+    }
+    result = simulate(policies, config=config, steps=args.steps, seed=args.seed)
+    window = args.window or max(1, args.steps // 50)
+    regret = result.cumulative_regret()
+    expected = result.expected_ctr()
+    print(f"{args.scenario} world, seed {args.seed}, {args.steps} requests")
+    print(f"{'policy':<15} {'ctr':>8} {'exp. ctr':>9} {'regret':>10}")
+    for name, value in result.ctr().items():
+        print(f"{name:<15} {value:8.4f} {expected[name]:9.4f} {regret[name][-1]:10.1f}")
+    print(f"{'best slate':<15} {'':>8} {result.best_ctr():9.4f}")
+    if args.out:
+        from services.evaluation.plots import plot_online
+
+        for path in plot_online(result, args.out, window=window):
+            print(f"wrote {path}")
+    return result.summary(window)
+
+
+def _offline(args: argparse.Namespace) -> dict[str, Any]:
+    path: Path = args.replay or args.ips
+    slates = read_feedback_log(path)
+    events = top_slot_events(slates, logging_policy=args.logging_policy)
+    if not events:
+        raise ValueError(f"{path}: no slates of two or more items to evaluate on")
+    context_dim, item_dim = _widths(events)
+    print(f"{path}: {len(slates)} slates, {len(events)} usable")
+    report: dict[str, Any] = {"log": str(path), "slates": len(slates), "events": len(events)}
+    results: dict[str, Any] = {}
+    for name in args.policies:
+        policy = make_policy(name, context_dim=context_dim, item_dim=item_dim, seed=args.seed)
+        if args.replay:
+            outcome = replay(policy, events)
+            print(f"{name:<15} replay {_format(outcome.estimate)}  matched {outcome.matched}")
+            results[name] = {"replay": outcome.estimate.as_dict(), "matched": outcome.matched}
+        else:
+            estimates = frozen_policy_estimates(policy, events, train_fraction=args.train_fraction)
+            for kind, estimate in estimates.items():
+                print(f"{name:<15} {kind:<6} {_format(estimate)}")
+            results[name] = {kind: e.as_dict() for kind, e in estimates.items()}
+    report["policies"] = results
+    return report
+
+
+def _widths(events: list[LoggedEvent]) -> tuple[int, int]:
+    contexts = {len(e.context) for e in events}
+    features = {e.item_features.shape[1] for e in events}
+    if len(contexts) != 1 or len(features) != 1:
+        raise ValueError(
+            f"the log mixes context widths {sorted(contexts)} or item feature widths "
+            f"{sorted(features)}; the learners need one of each"
+        )
+    return contexts.pop(), features.pop()
+
+
+def _format(estimate: Estimate) -> str:
+    return (
+        f"{estimate.value:.4f} +- {estimate.stderr:.4f} "
+        f"[{estimate.ci_low:.4f}, {estimate.ci_high:.4f}] n={estimate.n}"
+    )
