@@ -207,6 +207,7 @@ class ConsumerRuntime:
         self._checkpoint_requested = False
         self._last_checkpoint = self.clock()
         self._last_lag = 0.0
+        self._failed = False
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -222,6 +223,12 @@ class ConsumerRuntime:
         try:
             while not self.stopping.is_set():
                 self.poll_once()
+        except BaseException:
+            # The failed batch may be half applied: no checkpoint may record it.
+            self._failed = True
+            log.exception("%s failed; exiting without checkpointing the failed batch",
+                          self.service)
+            raise
         finally:
             self._shutdown()
 
@@ -251,7 +258,7 @@ class ConsumerRuntime:
 
     def _shutdown(self) -> None:
         try:
-            if self._owned:
+            if self._owned and not self._failed:
                 self.checkpoint(force=True)
         finally:
             if self._consumer is not None:
@@ -276,6 +283,9 @@ class ConsumerRuntime:
                 if raw.headers:
                     headers = dict(raw.headers)
                     if CONTROL_HEADER in headers:
+                        # In log order: what precedes the control record is applied first.
+                        self._apply(good, outcomes)
+                        good = []
                         self.processor.control(self._record(raw, None), self.ctx)
                         outcomes[(tp.topic, "control")] += 1
                         continue
@@ -295,21 +305,21 @@ class ConsumerRuntime:
             self._positions[tp] = raw_records[-1].offset + 1
             ckpt.offsets[tp.topic] = raw_records[-1].offset + 1
             self._dirty.add(tp.partition)
-        if good:
-            rejected = self.processor.apply(good, self.ctx)
-            for rejection in rejected:
-                self._dead_letter(rejection.record, rejection.reason)
-                outcomes[(rejection.record.topic, "dead_letter")] += 1
-            applied: dict[str, int] = defaultdict(int)
-            for record in good:
-                applied[record.topic] += 1
-            for rejection in rejected:
-                applied[rejection.record.topic] -= 1
-            for topic, n in applied.items():
-                outcomes[(topic, "applied")] += n
+        self._apply(good, outcomes)
         for (topic, outcome), n in outcomes.items():
             if n:
                 self.metrics.events.labels(self.service, topic, outcome).inc(n)
+
+    def _apply(self, good: list[Record], outcomes: dict[tuple[str, str], int]) -> None:
+        if not good:
+            return
+        rejected = self.processor.apply(good, self.ctx)
+        for rejection in rejected:
+            self._dead_letter(rejection.record, rejection.reason)
+            outcomes[(rejection.record.topic, "dead_letter")] += 1
+            outcomes[(rejection.record.topic, "applied")] -= 1
+        for record in good:
+            outcomes[(record.topic, "applied")] += 1
 
     @staticmethod
     def _record(raw: Any, value: Any) -> Record:
@@ -422,7 +432,8 @@ class ConsumerRuntime:
         self.metrics.rebalances.labels(self.service, "revoked").inc()
         if not numbers:
             return
-        self.checkpoint(force=True, partitions=numbers)
+        if not self._failed:
+            self.checkpoint(force=True, partitions=numbers)
         for number in numbers:
             self.processor.revoke(number)
             del self._owned[number]

@@ -1,13 +1,16 @@
 """Reward attribution: join impressions and clicks of one partition into feedback.
 
 Pure logic, no Kafka or Redis. An impression stays open until the partition's
-event-time watermark (the largest event time seen) passes
-``impression.ts + window_s + lateness_s``; then one :class:`Feedback` per shown
-item is emitted, reward 1 if that item was clicked within ``window_s`` of the
-impression. Windows close record by record, so the output depends only on the
-order of records in the log, never on how they were batched: replaying the log
-reproduces it exactly (as long as clicks and impressions of one partition are
-not further apart in event time than ``lateness_s``).
+event-time watermark passes ``impression.ts + window_s + lateness_s``; then one
+:class:`Feedback` per shown item is emitted, reward 1 if that item was clicked
+within ``window_s`` of the impression.
+
+The watermark is the smaller of the two streams' progress (the largest event
+time seen among impressions, and among clicks): a window closes only once the
+click stream itself has moved past it, however far ahead the impressions were
+read. Windows close record by record, so the output depends only on each
+topic's order in the log, not on how the two topics were interleaved or
+batched, provided each topic is in event-time order up to ``lateness_s``.
 
 >>> from contracts.events import Click, Impression, SlateItem
 >>> join = PartitionJoin(window_s=30, lateness_s=5)
@@ -16,7 +19,7 @@ not further apart in event time than ``lateness_s``).
 []
 >>> join.click(Click(event_id="c", user_id="u", item_id="a", ts=1e9 + 3, request_id="r"), 0)
 []
->>> [(f.item_id, f.reward) for f in join.advance(1e9 + 40)]
+>>> [(f.item_id, f.reward) for f in join.advance(1e9 + 40)]  # a watermark for both streams
 [('a', 1)]
 """
 
@@ -48,10 +51,12 @@ class PendingClick:
 class PartitionJoin:
     """The open impressions and unmatched clicks of one partition."""
 
-    def __init__(self, *, window_s: float, lateness_s: float, watermark: float = 0.0) -> None:
+    def __init__(self, *, window_s: float, lateness_s: float) -> None:
         self.window_s = window_s
         self.lateness_s = lateness_s
-        self.watermark = watermark
+        #: Largest event time seen among impressions and among clicks (0: none yet).
+        self.seen_impressions = 0.0
+        self.seen_clicks = 0.0
         self.open: dict[str, OpenImpression] = {}
         self._closing: list[tuple[float, str]] = []
         #: user_id -> request ids of open impressions (for clicks without request_id).
@@ -63,33 +68,42 @@ class PartitionJoin:
         self._emitted_through = float("-inf")
         self._emitted_below_offset = 0
 
-    def resume_after(self, watermark: float, impressions_offset: int) -> None:
-        """Restore from a checkpoint taken at ``watermark`` after ``impressions_offset``.
+    @property
+    def watermark(self) -> float:
+        """Event time both streams have passed."""
+        return min(self.seen_impressions, self.seen_clicks)
+
+    def resume_after(
+        self, seen_impressions: float, seen_clicks: float, impressions_offset: int
+    ) -> None:
+        """Restore from a checkpoint taken after ``impressions_offset``.
 
         Impressions read before the checkpoint whose window closed by its
         watermark were emitted then; re-reading them rebuilds state silently.
         """
-        self.watermark = watermark
-        self._emitted_through = watermark
+        self.seen_impressions, self.seen_clicks = seen_impressions, seen_clicks
+        self._emitted_through = self.watermark
         self._emitted_below_offset = impressions_offset
 
     # -- input -----------------------------------------------------------------
 
     def impression(self, impression: Impression, offset: int) -> list[Feedback]:
         """Open an impression (if it is not a duplicate); returns what closes."""
+        self.seen_impressions = max(self.seen_impressions, impression.ts)
         if impression.request_id in self.open:
             self.stats["duplicate_impressions"] += 1
-            return self.advance(impression.ts)
+            return self._close_due()
         entry = OpenImpression(impression, offset)
         self.open[impression.request_id] = entry
         self._by_user[impression.user_id].append(impression.request_id)
         heapq.heappush(self._closing, (self._close_time(impression), impression.request_id))
         for pending in self.pending.pop(impression.request_id, []):
             self._attach(entry, pending.click, pending.offset)
-        return self.advance(impression.ts)
+        return self._close_due()
 
     def click(self, click: Click, offset: int) -> list[Feedback]:
         """Attribute a click to its open impression; returns what closes."""
+        self.seen_clicks = max(self.seen_clicks, click.ts)
         entry = self._find(click)
         if entry is not None:
             self._attach(entry, click, offset)
@@ -99,12 +113,19 @@ class PartitionJoin:
             heapq.heappush(self._pending_expiry, (self._expiry(click), click.request_id))
         else:
             self.stats["clicks_unmatched"] += 1
-        return self.advance(click.ts)
+        return self._close_due()
 
-    def advance(self, event_time: float) -> list[Feedback]:
-        """Move the watermark to ``event_time`` if later; emit every impression due."""
-        if event_time > self.watermark:
-            self.watermark = event_time
+    def advance(
+        self, event_time: float, *, impressions: bool = True, clicks: bool = True
+    ) -> list[Feedback]:
+        """Declare a stream (or both) complete up to ``event_time`` (an idle marker)."""
+        if impressions:
+            self.seen_impressions = max(self.seen_impressions, event_time)
+        if clicks:
+            self.seen_clicks = max(self.seen_clicks, event_time)
+        return self._close_due()
+
+    def _close_due(self) -> list[Feedback]:
         out: list[Feedback] = []
         while self._closing and self._closing[0][0] <= self.watermark:
             _, request_id = heapq.heappop(self._closing)

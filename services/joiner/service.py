@@ -1,15 +1,17 @@
 """``streamrec run joiner``: impressions + clicks in, feedback out.
 
-Checkpoints stay small: per partition only the watermark and the earliest
-offsets still needed. On restore the joiner seeks back to those offsets and
-re-reads the log to rebuild its open impressions; records below the
+Checkpoints stay small: per partition only the two streams' event-time
+progress and the earliest offsets still needed. On restore the joiner seeks
+back to those offsets and re-reads the log to rebuild its open impressions; records below the
 checkpointed offsets are re-applied silently (their feedback was emitted before
 the checkpoint). Feedback emitted after the last checkpoint may be emitted again
 after a crash; it carries the same sequence numbers, so consumers drop it.
 
-Idle partitions: when a partition with open impressions receives nothing for
-``idle_close_s``, the joiner appends a watermark control record to it, so windows
-close without new traffic and a replay still sees the same decision in the log.
+Idle streams: when a partition with open impressions gets no impressions or no
+clicks for ``idle_close_s``, the joiner appends a watermark marker (event time =
+now - lateness) to that partition of each topic. A marker advances only its own
+topic's progress, so a replay closes windows exactly as the first run did,
+however the two topics' records interleave.
 """
 
 from __future__ import annotations
@@ -57,10 +59,13 @@ class JoinerSettings(BaseSettings):
     """``STREAMREC_JOINER_LATENESS_S``: how far behind the watermark events may still arrive."""
     idle_close_s: float = Field(2.0, gt=0)
     """``STREAMREC_JOINER_IDLE_CLOSE_S``: processing time before an idle partition is advanced."""
+    max_partition_fetch_bytes: int = Field(256 * 1024, ge=1024)
+    """``STREAMREC_JOINER_MAX_PARTITION_FETCH_BYTES``: per-partition fetch size."""
 
 
 class _State(msgspec.Struct):
-    watermark: float
+    seen_impressions: float
+    seen_clicks: float
     replay_from: dict[str, int]
 
 
@@ -103,7 +108,8 @@ class JoinProcessor(Processor):
         self.topics = topics
         self.metrics = JoinerMetrics(registry or CollectorRegistry())
         self.joins: dict[int, PartitionJoin] = {}
-        self._last_input: dict[int, float] = {}
+        #: (partition, topic) -> monotonic time of its last record.
+        self._last_input: dict[tuple[int, str], float] = {}
         self._last_control: dict[int, float] = {}
         self._reported: dict[str, int] = {}
 
@@ -116,31 +122,33 @@ class JoinProcessor(Processor):
             else:
                 closed = join.click(record.value, record.offset)
             self._emit(record, closed, ctx)
-            self._last_input[record.partition] = now
+            self._last_input[(record.partition, record.topic)] = now
         self._report()
         return []
 
     def control(self, record: Record, ctx: Context) -> None:
-        watermark = msgspec.json.decode(record.raw).get("watermark", 0.0)
-        self._emit(record, self.joins[record.partition].advance(float(watermark)), ctx)
+        watermark = float(msgspec.json.decode(record.raw).get("watermark", 0.0))
+        is_impressions = record.topic == self.topics.impressions
+        closed = self.joins[record.partition].advance(
+            watermark, impressions=is_impressions, clicks=not is_impressions
+        )
+        self._emit(record, closed, ctx)
         self._report()
 
     def tick(self, now: float, ctx: Context) -> None:
         clock = time.monotonic()
         every = self.settings.idle_close_s
         for partition, join in self.joins.items():
-            quiet = min(
-                clock - self._last_input.get(partition, clock),
-                clock - self._last_control.get(partition, float("-inf")),
+            stalest = max(
+                clock - self._last_input.get((partition, topic), clock)
+                for topic in (self.topics.impressions, self.topics.clicks)
             )
+            quiet = min(stalest, clock - self._last_control.get(partition, float("-inf")))
             if join.open and quiet >= every:
                 # Repeated while the partition stays idle, until every window has closed.
-                watermark = now - self.settings.lateness_s
-                ctx.emit_control(
-                    self.topics.impressions,
-                    partition,
-                    msgspec.json.encode({"watermark": watermark}),
-                )
+                marker = msgspec.json.encode({"watermark": now - self.settings.lateness_s})
+                for topic in (self.topics.impressions, self.topics.clicks):
+                    ctx.emit_control(topic, partition, marker)
                 self._last_control[partition] = clock
         if self.joins:
             oldest = min(join.watermark for join in self.joins.values())
@@ -177,16 +185,27 @@ class JoinProcessor(Processor):
             replay[self.topics.impressions] = impressions
         if clicks is not None:
             replay[self.topics.clicks] = clicks
-        return msgspec.json.encode(_State(watermark=join.watermark, replay_from=replay))
+        return msgspec.json.encode(
+            _State(
+                seen_impressions=join.seen_impressions,
+                seen_clicks=join.seen_clicks,
+                replay_from=replay,
+            )
+        )
 
     def restore(self, partition: int, checkpoint: Checkpoint | None) -> Mapping[str, int] | None:
         join = PartitionJoin(window_s=self.settings.window_s, lateness_s=self.settings.lateness_s)
         self.joins[partition] = join
-        self._last_input[partition] = time.monotonic()
+        for topic in (self.topics.impressions, self.topics.clicks):
+            self._last_input[(partition, topic)] = time.monotonic()
         if checkpoint is None or not checkpoint.state:
             return None
         state = msgspec.json.decode(checkpoint.state, type=_State)
-        join.resume_after(state.watermark, checkpoint.offsets.get(self.topics.impressions, 0))
+        join.resume_after(
+            state.seen_impressions,
+            state.seen_clicks,
+            checkpoint.offsets.get(self.topics.impressions, 0),
+        )
         seek = dict(checkpoint.offsets)
         for topic, offset in state.replay_from.items():
             seek[topic] = min(offset, seek.get(topic, offset))
@@ -201,7 +220,8 @@ class JoinProcessor(Processor):
 
     def revoke(self, partition: int) -> None:
         self.joins.pop(partition, None)
-        self._last_input.pop(partition, None)
+        for topic in (self.topics.impressions, self.topics.clicks):
+            self._last_input.pop((partition, topic), None)
         self._last_control.pop(partition, None)
 
 
@@ -217,7 +237,8 @@ def build_runtime(
         group=settings.group,
         inputs={topics.impressions: decode_impression, topics.clicks: decode_click},
         processor=JoinProcessor(settings, topics, registry),
-        kafka=KafkaSettings(),
+        # Small fetches make each poll carry both topics of a partition.
+        kafka=KafkaSettings(max_partition_fetch_bytes=settings.max_partition_fetch_bytes),
         redis_settings=RedisSettings(),
         topics=topics,
         settings=runtime,

@@ -97,6 +97,7 @@ def test_click_without_request_id_goes_to_latest_impression_showing_the_item():
 def test_output_does_not_depend_on_batching():
     """Closing record by record makes the output a function of the log order alone."""
     log = [("i", impression(f"r{k}", T0 + k, user=f"u{k % 3}")) for k in range(20)]
+    log += [("c", click(f"n{k}", "z", T0 + k + 0.5, rid="none")) for k in range(20)]
     log += [
         ("c", click(f"c{k}", "b", T0 + k + 1, rid=f"r{k}", user=f"u{k % 3}"))
         for k in range(0, 20, 3)
@@ -114,22 +115,33 @@ def test_output_does_not_depend_on_batching():
     assert sum(f.reward for f in run(log)) == 7
 
 
+def test_impressions_read_far_ahead_do_not_close_windows_before_the_clicks_pass():
+    join = PartitionJoin(window_s=30, lateness_s=5)
+    join.impression(impression("r1", T0), 0)
+    join.click(click("c0", "z", T0, rid="other"), 0)
+    assert join.impression(impression("r2", T0 + 100, user="u2"), 1) == []
+    join.click(click("c1", "a", T0 + 10), 1)
+    out = join.click(click("c2", "x", T0 + 40, rid="other"), 2)
+    assert rewards(out) == {("r1", "a"): 1, ("r1", "b"): 0, ("r1", "c"): 0}
+
+
 def test_resume_rebuilds_silently_and_emits_only_what_was_still_open():
-    log = [impression(f"r{k}", T0 + 10 * k, user=f"u{k}") for k in range(6)]
+    imps = [impression(f"r{k}", T0 + 10 * k, user=f"u{k}") for k in range(6)]
+    clicks = [click(f"c{k}", "a", T0 + 10 * k + 1, rid=f"r{k}", user=f"u{k}") for k in range(6)]
+
+    def feed(join, k):
+        return join.impression(imps[k], k) + join.click(clicks[k], k)
+
     full = PartitionJoin(window_s=15, lateness_s=0)
-    emitted_before = []
-    for offset, imp in enumerate(log[:4]):
-        emitted_before += full.impression(imp, offset)
-    checkpoint_watermark = full.watermark
-    first_open, _ = full.replay_from()
-    emitted_after = []
-    for offset, imp in enumerate(log[4:], start=4):
-        emitted_after += full.impression(imp, offset)
+    emitted_before = [f for k in range(4) for f in feed(full, k)]
+    seen = (full.seen_impressions, full.seen_clicks)
+    first_open, first_click = full.replay_from()
+    emitted_after = [f for k in range(4, 6) for f in feed(full, k)]
 
     restored = PartitionJoin(window_s=15, lateness_s=0)
-    restored.resume_after(checkpoint_watermark, impressions_offset=4)
-    replayed = []
-    for offset in range(first_open, len(log)):
-        replayed += restored.impression(log[offset], offset)
+    restored.resume_after(*seen, impressions_offset=4)
+    assert first_open == first_click
+    replayed = [f for k in range(first_open, 6) for f in feed(restored, k)]
     assert {f.request_id for f in emitted_before} == {"r0", "r1"}
     assert replayed == emitted_after
+    assert {f.request_id for f in emitted_after} == {"r2", "r3"}

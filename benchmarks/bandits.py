@@ -1,0 +1,415 @@
+"""Bandit benchmark: learner throughput and regret on one shared synthetic stream.
+
+    python benchmarks/bandits.py [--quick] [--skip-learners]
+
+Prints a table per section and writes ``benchmarks/results/bandits.json``. The
+script is a list of sections (``SECTIONS``); each is a function from the parsed
+arguments to a JSON-able dict, gets a ``--skip-<name>`` flag, and stores its
+result under its name together with the machine it ran on. Sections that were
+skipped keep their previous result in the JSON file.
+
+The learners section runs every streamrec learner, river's ``LinUCBDisjoint``
+and ``ThompsonSampling`` and mabwiser's LinUCB and Thompson sampling on the
+same stream: K=50 arms, 16 context dimensions plus a bias column, click
+probability ``sigmoid(c + bias_a + x·θ_a)`` with ``c`` set for a ~5% mean CTR
+under a uniformly random policy; one arm has a clearly higher bias, so the
+context-free learners have a best arm to find, while the contextual best arm
+per event is worth several times the mean CTR.
+Rewards use common random numbers (event t clicks iff ``u_t < p_t(arm)``), so
+every policy faces the same luck. Regret is expected regret: the best arm's
+click probability for that event minus the chosen arm's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# One BLAS thread: a consumer process serves its partitions on one core, and threaded
+# BLAS on small matrices only adds contention on a shared machine. Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.bandits import LEARNERS, make_learner, top_k  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bandits.json"
+N_ARMS = 50
+CONTEXT_DIM = 16
+TARGET_CTR = 0.05
+BATCH = 1_000
+SEED = 20260101
+#: Constructor arguments for each streamrec learner in this benchmark.
+LEARNER_PARAMS: dict[str, dict[str, Any]] = {
+    "linucb": {"alpha": 0.5},
+    "hybrid_linucb": {"alpha": 0.5, "shared_dim": 4},
+    "ts_linear": {"v": 0.25},
+    "ts_beta": {},
+    "egreedy": {"epsilon": 0.05},
+}
+#: LinUCB one-at-a-time and batched throughput targets (events/s).
+TARGETS = {"target_online_events_per_s": 30_000, "target_batched_events_per_s": 150_000}
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Contexts, click probabilities and reward draws for every event."""
+
+    X: np.ndarray  # (n, 1 + CONTEXT_DIM): bias column, then the context
+    probs: np.ndarray  # (n, N_ARMS): click probability of each arm for each event
+    uniforms: np.ndarray  # (n,): event t clicks iff uniforms[t] < probs[t, arm]
+
+    @classmethod
+    def synthetic(cls, n: int, seed: int = SEED) -> Stream:
+        rng = np.random.default_rng(seed)
+        theta = rng.normal(scale=1.0, size=(N_ARMS, CONTEXT_DIM))
+        arm_bias = rng.normal(scale=0.5, size=N_ARMS)
+        arm_bias[0] += 1.0  # one arm clearly best on average, for the context-free learners
+        context = rng.normal(size=(n, CONTEXT_DIM)) / np.sqrt(CONTEXT_DIM)
+        logits = arm_bias + context @ theta.T
+        # Bisect the global offset so that a uniformly random policy sees TARGET_CTR.
+        low, high = -20.0, 5.0
+        for _ in range(60):
+            mid = (low + high) / 2
+            if _sigmoid(logits + mid).mean() > TARGET_CTR:
+                high = mid
+            else:
+                low = mid
+        X = np.column_stack([np.ones(n), context])
+        return cls(X=X, probs=_sigmoid(logits + low), uniforms=rng.random(n))
+
+    @property
+    def best(self) -> np.ndarray:
+        return self.probs.max(axis=1)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+@dataclass
+class Run:
+    """One policy on the first ``events`` events of the stream."""
+
+    learner: str
+    library: str
+    mode: str
+    events: int
+    seconds: float
+    cpu_seconds: float
+    regret: np.ndarray  # per-event expected regret
+
+    def row(self, horizon: int) -> dict[str, Any]:
+        cumulative = float(self.regret.sum())
+        return {
+            "learner": self.learner,
+            "library": self.library,
+            "mode": self.mode,
+            "events": self.events,
+            "seconds": round(self.seconds, 4),
+            "events_per_s": round(self.events / self.seconds, 1),
+            "cpu_seconds": round(self.cpu_seconds, 4),
+            "events_per_cpu_s": round(self.events / self.cpu_seconds, 1),
+            "cumulative_regret": round(cumulative, 3),
+            "regret_per_event": round(cumulative / self.events, 6),
+            f"regret_per_event_first_{horizon}": round(float(self.regret[:horizon].mean()), 6),
+        }
+
+
+# -- streamrec learners -------------------------------------------------------------
+
+
+def run_online(name: str, stream: Stream, n: int) -> Run:
+    """Score all arms, select one, update with its reward: one event at a time."""
+    learner = make_learner(name, dim=stream.X.shape[1], seed=SEED, **LEARNER_PARAMS[name])
+    items = np.arange(N_ARMS, dtype=np.int64)
+    chosen = np.empty(n, dtype=np.int64)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for t in range(n):
+        X = np.tile(stream.X[t], (N_ARMS, 1)) if learner.needs_features else None
+        arm = int(learner.select(items, X, 1)[0])
+        reward = 1.0 if stream.uniforms[t] < stream.probs[t, arm] else 0.0
+        learner.update(
+            items[arm : arm + 1], None if X is None else X[arm : arm + 1], np.array([reward])
+        )
+        chosen[t] = arm
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return Run(name, "streamrec", "online", n, seconds, cpu, _regret(stream, chosen))
+
+
+def run_batched(name: str, stream: Stream, n: int, batch: int = BATCH) -> Run:
+    """Score a whole batch of events in one call, select per event, one update per batch."""
+    learner = make_learner(name, dim=stream.X.shape[1], seed=SEED, **LEARNER_PARAMS[name])
+    items = np.arange(N_ARMS, dtype=np.int64)
+    chosen = np.empty(n, dtype=np.int64)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for lo in range(0, n, batch):
+        hi = min(lo + batch, n)
+        contexts = stream.X[lo:hi]
+        X = np.repeat(contexts, N_ARMS, axis=0) if learner.needs_features else None
+        scores = learner.score(np.tile(items, hi - lo), X).reshape(hi - lo, N_ARMS)
+        arms = top_k(scores, 1, learner.rng)[:, 0]
+        rows = np.arange(lo, hi)
+        rewards = (stream.uniforms[lo:hi] < stream.probs[rows, arms]).astype(np.float64)
+        learner.update(items[arms], contexts if learner.needs_features else None, rewards)
+        chosen[lo:hi] = arms
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return Run(name, "streamrec", f"batched x{batch}", n, seconds, cpu, _regret(stream, chosen))
+
+
+def _regret(stream: Stream, chosen: np.ndarray) -> np.ndarray:
+    n = len(chosen)
+    return stream.best[:n] - stream.probs[np.arange(n), chosen]
+
+
+# -- other libraries ----------------------------------------------------------------
+
+
+def run_river(kind: str, stream: Stream, n: int) -> Run:
+    """river 0.26: ``pull(arm_ids, context=dict)`` then ``update(arm, context, reward)``."""
+    from river import bandit, proba
+
+    arms = list(range(N_ARMS))
+    chosen = np.empty(n, dtype=np.int64)
+    if kind == "LinUCBDisjoint":
+        policy: Any = bandit.LinUCBDisjoint(seed=SEED)
+        names = [f"x{i}" for i in range(stream.X.shape[1])]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for t in range(n):
+            context = dict(zip(names, stream.X[t].tolist(), strict=True))
+            arm = policy.pull(arms, context=context)
+            policy.update(arm, context, float(stream.uniforms[t] < stream.probs[t, arm]))
+            chosen[t] = arm
+    else:
+        policy = bandit.ThompsonSampling(reward_obj=proba.Beta(), seed=SEED)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for t in range(n):
+            arm = policy.pull(arms)
+            policy.update(arm, float(stream.uniforms[t] < stream.probs[t, arm]))
+            chosen[t] = arm
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return Run(kind, "river", "online", n, seconds, cpu, _regret(stream, chosen))
+
+
+def run_mabwiser(kind: str, stream: Stream, n: int, batch: int) -> Run:
+    """mabwiser: ``predict`` then ``partial_fit``, per event (batch=1) or per batch."""
+    from mabwiser.mab import MAB, LearningPolicy
+
+    policy = (
+        LearningPolicy.LinUCB(alpha=LEARNER_PARAMS["linucb"]["alpha"], l2_lambda=1.0)
+        if kind == "LinUCB"
+        else LearningPolicy.ThompsonSampling()
+    )
+    mab = MAB(arms=list(range(N_ARMS)), learning_policy=policy, seed=SEED)
+    contextual = kind == "LinUCB"
+    # mabwiser cannot predict before its first fit: the first event (or batch) is
+    # chosen uniformly at random, and its regret counts.
+    warm_up = np.random.default_rng(SEED)
+    fitted = False
+    chosen = np.empty(n, dtype=np.int64)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for lo in range(0, n, batch):
+        hi = min(lo + batch, n)
+        contexts = stream.X[lo:hi]
+        if not fitted:
+            arms = warm_up.integers(0, N_ARMS, size=hi - lo)
+        elif contextual or hi - lo > 1:
+            arms = np.asarray(mab.predict(contexts), dtype=np.int64).reshape(-1)
+        else:
+            arms = np.array([mab.predict()], dtype=np.int64)
+        rows = np.arange(lo, hi)
+        rewards = (stream.uniforms[lo:hi] < stream.probs[rows, arms]).astype(np.float64)
+        learn = mab.partial_fit if fitted else mab.fit
+        learn(arms, rewards, contexts if contextual else None)
+        fitted = True
+        chosen[lo:hi] = arms
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    mode = "online" if batch == 1 else f"batched x{batch}"
+    return Run(kind, "mabwiser", mode, n, seconds, cpu, _regret(stream, chosen))
+
+
+# -- the section --------------------------------------------------------------------
+
+
+def learners_section(args: argparse.Namespace) -> dict[str, Any]:
+    """Throughput and regret of every learner, streamrec's beside river's and mabwiser's."""
+    n = 10_000 if args.quick else 100_000
+    n_river = 1_000 if args.quick else 5_000
+    n_mab_online = 300 if args.quick else 2_000
+    n_mab_batched = 5_000 if args.quick else 20_000
+    stream = Stream.synthetic(n)
+
+    runs: list[Run] = []
+    for name in LEARNERS:
+        # Untimed warm-up: the first passes pay for imports and first-touch page faults.
+        run_online(name, stream, 500)
+        run_batched(name, stream, 3 * BATCH)
+        runs.append(run_online(name, stream, n))
+        runs.append(run_batched(name, stream, n))
+        _progress(runs[-2:])
+    for kind in ("LinUCBDisjoint", "ThompsonSampling"):
+        run_river(kind, stream, 100)
+        runs.append(run_river(kind, stream, n_river))
+        _progress(runs[-1:])
+    for kind in ("LinUCB", "ThompsonSampling"):
+        try:
+            runs.append(run_mabwiser(kind, stream, n_mab_online, batch=1))
+            runs.append(run_mabwiser(kind, stream, n_mab_batched, batch=BATCH))
+            _progress(runs[-2:])
+        except Exception as exc:  # a broken optional library is reported, not fatal
+            print(f"mabwiser {kind} failed: {exc!r}", file=sys.stderr)
+
+    rows = [run.row(n_river) for run in runs]
+    by_key = {(r["learner"], r["library"], r["mode"]): r for r in rows}
+    batched = f"batched x{BATCH}"
+    comparisons = {}
+    for ours, theirs in (("linucb", "LinUCBDisjoint"), ("ts_beta", "ThompsonSampling")):
+        river = by_key[(theirs, "river", "online")]
+        regret_key = f"regret_per_event_first_{n_river}"
+        comparisons[f"{ours}_vs_river_{theirs}"] = {
+            "online_speedup": round(
+                by_key[(ours, "streamrec", "online")]["events_per_s"] / river["events_per_s"], 1
+            ),
+            "batched_speedup": round(
+                by_key[(ours, "streamrec", batched)]["events_per_s"] / river["events_per_s"], 1
+            ),
+            "regret_per_event_first_n": {
+                "n": n_river,
+                "streamrec_online": by_key[(ours, "streamrec", "online")][regret_key],
+                "streamrec_batched": by_key[(ours, "streamrec", batched)][regret_key],
+                "river": river[regret_key],
+            },
+        }
+    online = by_key[("linucb", "streamrec", "online")]
+    in_batches = by_key[("linucb", "streamrec", batched)]
+    targets = {
+        **TARGETS,
+        "linucb_online_events_per_s": online["events_per_s"],
+        "linucb_online_events_per_cpu_s": online["events_per_cpu_s"],
+        "linucb_batched_events_per_s": in_batches["events_per_s"],
+        "linucb_batched_events_per_cpu_s": in_batches["events_per_cpu_s"],
+    }
+    return {
+        "config": {
+            "arms": N_ARMS,
+            "context_dim": CONTEXT_DIM,
+            "feature_columns": stream.X.shape[1],
+            "mean_ctr_uniform_policy": round(float(stream.probs.mean()), 4),
+            "mean_ctr_best_arm": round(float(stream.best.mean()), 4),
+            "events": n,
+            "river_events": n_river,
+            "mabwiser_events": {"online": n_mab_online, "batched": n_mab_batched},
+            "batch": BATCH,
+            "seed": SEED,
+            "learner_params": LEARNER_PARAMS,
+        },
+        "rows": rows,
+        "comparisons": comparisons,
+        "targets": targets,
+    }
+
+
+def _progress(runs: list[Run]) -> None:
+    for run in runs:
+        print(
+            f"  {run.library}/{run.learner} {run.mode}: {run.events / run.seconds:,.0f} events/s",
+            file=sys.stderr,
+        )
+
+
+def print_learners(result: dict[str, Any]) -> None:
+    rows = result["rows"]
+    horizon = result["config"]["river_events"]
+    first = f"regret_per_event_first_{horizon}"
+    header = (
+        f"{'learner':<18}{'library':<11}{'mode':<15}{'events':>8}{'events/s':>12}{'ev/cpu-s':>12}"
+        f"{'cum regret':>12}{'regret/ev':>11}{f'r/ev@{horizon}':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['learner']:<18}{r['library']:<11}{r['mode']:<15}{r['events']:>8,}"
+            f"{r['events_per_s']:>12,.0f}{r['events_per_cpu_s']:>12,.0f}"
+            f"{r['cumulative_regret']:>12.1f}"
+            f"{r['regret_per_event']:>11.4f}{r[first]:>12.4f}"
+        )
+    for name, comparison in result["comparisons"].items():
+        print(
+            f"{name}: {comparison['online_speedup']}x online, "
+            f"{comparison['batched_speedup']}x batched; regret/event over the first "
+            f"{comparison['regret_per_event_first_n']['n']}: "
+            f"{comparison['regret_per_event_first_n']}"
+        )
+    print(f"targets: {result['targets']}")
+
+
+# -- the script ---------------------------------------------------------------------
+
+#: (name, run, print) for every section, in order; each gets a --skip-<name> flag.
+SECTIONS: list[
+    tuple[str, Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]
+] = [
+    ("learners", learners_section, print_learners),
+]
+
+
+def machine() -> dict[str, Any]:
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "river": version("river"),
+        "mabwiser": version("mabwiser"),
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small event counts (smoke run)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
+    for name, _, _ in SECTIONS:
+        parser.add_argument(f"--skip-{name}", action="store_true", help=f"skip the {name} section")
+    args = parser.parse_args(argv)
+
+    results: dict[str, Any] = {}
+    if args.output.exists():
+        results = json.loads(args.output.read_text())
+    for name, run, show in SECTIONS:
+        if getattr(args, f"skip_{name.replace('-', '_')}"):
+            continue
+        print(f"== {name} ==", file=sys.stderr)
+        result = run(args)
+        result["machine"] = machine()
+        result["quick"] = args.quick
+        result["generated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        results[name] = result
+        show(result)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+    print(f"wrote {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

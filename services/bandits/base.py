@@ -1,0 +1,581 @@
+"""The interface every bandit learner shares, and the per-arm table behind it.
+
+A learner is a pure function of the feedback it has seen: arrays in, arrays out,
+batch first. ``score`` rates candidate rows, ``select`` picks the best rows with
+random tie-breaking, ``update`` folds in rewards. ``state`` exports additive
+sufficient statistics (plus hyperparameters) as named float64/int64 arrays, so
+per-partition states can be summed by ``merge`` (DESIGN.md §6) and published to
+the parameter store without pickle.
+
+The random generator is not part of the state: it is no sufficient statistic
+and cannot be summed across partitions. ``from_state(state, seed=s)`` gives a
+learner that behaves exactly like any learner holding the same statistics whose
+generator was seeded with ``s``.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Self
+
+import numpy as np
+
+#: A learner's exported state: named plain arrays (float64 or int64 only).
+State = dict[str, np.ndarray]
+
+#: Up to this many multiply-adds, per-row forms gather one matrix per row (fewest
+#: calls); above it they are computed per arm or in chunks of this size.
+_GATHER_LIMIT = 1 << 16
+#: Large calls take the shared-context path when the (context, arm) pairs it computes
+#: are at most this many times the rows asked for.
+_SHARED_CONTEXT_DENSITY = 2
+#: Large calls loop over arms only when arms average at least this many rows.
+_MIN_ROWS_PER_ARM = 16
+#: Batched updates sum statistics in blocks of this many rows, bounding the
+#: (rows, d, d) temporary of outer products.
+UPDATE_BLOCK = 4096
+#: Lookups of at most this many items are memoised (see ``ArmTable.lookup``).
+_LOOKUP_MEMO_ROWS = 1024
+
+
+def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of the ``k`` highest scores along the last axis, ties broken at random.
+
+    Works on one score vector or on a stack of them (one row per decision), so a
+    batch of decisions is ranked in one call. Returns fewer than ``k`` indices
+    when there are fewer candidates.
+
+    >>> top_k(np.array([0.1, 0.9, 0.5]), 2, np.random.default_rng(0)).tolist()
+    [1, 2]
+    """
+    if k < 0:
+        raise ValueError(f"k must be non-negative, got {k}")
+    scores = np.asarray(scores, dtype=np.float64)
+    if k == 1 and scores.ndim == 1 and len(scores) > 0:
+        # One decision with a unique best row, the common online case: no draw needed.
+        best = int(scores.argmax())
+        if np.count_nonzero(scores == scores[best]) == 1:
+            return np.array([best])
+    keys = rng.random(scores.shape)
+    if k == 1 and scores.shape[-1] > 0:
+        # One pick: choose uniformly among the tied maxima without a full sort.
+        tied = scores == scores.max(axis=-1, keepdims=True)
+        return np.where(tied, keys, -1.0).argmax(axis=-1)[..., None]
+    return np.lexsort((keys, -scores), axis=-1)[..., :k]
+
+
+def group_rows(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows grouped by arm: ``(order, arms, starts)``.
+
+    ``order`` sorts rows by slot, keeping event order within an arm; group ``g``
+    is ``order[starts[g]:starts[g + 1]]`` and belongs to slot ``arms[g]``.
+    """
+    # int32 keys sort faster, and a table never holds 2**31 arms.
+    order = np.argsort(slots.astype(np.int32), kind="stable")
+    ordered = slots[order]
+    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
+    return order, ordered[starts], starts
+
+
+def arm_forms(mats: np.ndarray, slots: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, with ``M = mats[slots[i]]`` of shape (d, m ≥ d) and ``x = X[i]``:
+    the quadratic form ``x @ M[:, :d] @ x`` (n,) and the linear forms ``x @ M[:, d:]`` (n, m - d).
+
+    ``M[:, :d]`` must be symmetric (it is ``A⁻¹``, or ``A⁻¹`` beside other terms):
+    learners keep ``[A⁻¹ | …]`` per arm, so one product per row yields the
+    exploration width and the means. Small calls gather one matrix per row.
+    Large calls where consecutive rows share a context (a batch of decisions,
+    each over a candidate set) take one matrix product over contexts × arms;
+    other large calls with many rows per arm do one product per arm, and the
+    rest gather in cache-sized chunks, so no call copies a matrix per row into
+    one huge temporary.
+    """
+    n, d = X.shape
+    m = mats.shape[-1]
+    if n * d * m <= _GATHER_LIMIT:
+        return _gathered_forms(mats, slots, X)
+    shared = _shared_context_forms(mats, slots, X)
+    if shared is not None:
+        return shared
+    order, arms, starts = group_rows(slots)
+    if len(arms) * _MIN_ROWS_PER_ARM > n:
+        step = max(1, _GATHER_LIMIT // (d * m))
+        parts = [
+            _gathered_forms(mats, slots[i : i + step], X[i : i + step]) for i in range(0, n, step)
+        ]
+        return np.concatenate([q for q, _ in parts]), np.concatenate([lin for _, lin in parts])
+    quadratic = np.empty(n)
+    linear = np.empty((n, m - d))
+    ends = [*starts[1:].tolist(), n]
+    for arm, start, end in zip(arms.tolist(), starts.tolist(), ends, strict=True):
+        rows = order[start:end]
+        x = X[rows]
+        products = x @ mats[arm]
+        quadratic[rows] = row_dots(products[:, :d], x)
+        linear[rows] = products[:, d:]
+    return quadratic, linear
+
+
+def _shared_context_forms(
+    mats: np.ndarray, slots: np.ndarray, X: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Forms for a batch of decisions whose candidates share each decision's context.
+
+    A decision's candidates are consecutive rows with the same features (the
+    context is per request). Then all (context, arm) pairs come out of two
+    matrix products, far cheaper than a product per row: the quadratic forms as
+    ``vec(x xᵀ) · vec(M)`` over the upper triangle (``M[:, :d]`` is symmetric),
+    the linear forms as ``contexts @ M[:, d:]``. Returns None when rows do not
+    repeat that way.
+    """
+    n, d = X.shape
+    m = mats.shape[-1]
+    arms = np.flatnonzero(np.bincount(slots, minlength=len(mats)))
+    runs = _context_runs(X, max_runs=_SHARED_CONTEXT_DENSITY * n // len(arms))
+    if runs is None:
+        return None
+    contexts, context_of_row = runs
+    rows, cols = np.triu_indices(d)
+    off_diagonal = np.where(rows == cols, 1.0, 2.0)
+    upper = mats[arms[:, None], rows, cols] * off_diagonal
+    quadratic = (contexts[:, rows] * contexts[:, cols]) @ upper.T
+    tails = mats[arms, :, d:].transpose(1, 0, 2).reshape(d, len(arms) * (m - d))
+    linear = (contexts @ tails).reshape(len(contexts), len(arms), m - d)
+    column = np.zeros(len(mats), dtype=np.intp)
+    column[arms] = np.arange(len(arms))
+    arm_of_row = column[slots]
+    return quadratic[context_of_row, arm_of_row], linear[context_of_row, arm_of_row]
+
+
+def _context_runs(X: np.ndarray, *, max_runs: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Runs of identical consecutive rows: ``(one row per run, run of each row)``.
+
+    Returns None when there are more than ``max_runs`` runs. Candidate run
+    boundaries come from a fixed random projection (equal rows always agree
+    on it); runs of one common length, the usual fixed-size candidate set, are
+    then verified in one comparison, and anything else is compared row by row.
+    """
+    n, d = X.shape
+    signature = X @ _projection(d)
+    changes = np.flatnonzero(signature[1:] != signature[:-1]) + 1
+    if len(changes) >= max_runs:
+        return None
+    width = int(changes[0]) if len(changes) else n
+    if n % width == 0 and np.array_equal(changes, np.arange(width, n, width)):
+        runs = X.reshape(n // width, width, d)
+        if (runs == runs[:, :1]).all():
+            return X[::width], np.arange(n) // width
+    first = np.concatenate([[True], (X[1:] != X[:-1]).any(axis=1)])
+    if np.count_nonzero(first) > max_runs:
+        return None
+    return X[first], np.cumsum(first) - 1
+
+
+@functools.cache
+def _projection(d: int) -> np.ndarray:
+    """A fixed random direction; it only proposes run boundaries, so it never alters a result."""
+    return np.random.default_rng(0x5EED).standard_normal(d)
+
+
+def _gathered_forms(
+    mats: np.ndarray, slots: np.ndarray, X: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    d = X.shape[1]
+    products = np.matmul(X[:, None, :], mats.take(slots, axis=0))[:, 0, :]
+    return row_dots(products[:, :d], X), products[:, d:]
+
+
+def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot products of two (n, d) arrays."""
+    return np.einsum("nd,nd->n", a, b)
+
+
+class ArmTable:
+    """Per-arm arrays addressed by item label; arms are added as they first appear.
+
+    Every array has one row per arm plus row 0, which holds the prior: unknown
+    items look up slot 0 and score from the prior without a branch. Arms occupy
+    rows ``1..len(table)`` in order of registration. Rows beyond the last arm are
+    kept at the prior so a newly registered arm starts from it. The arms new in one
+    call are registered in label order.
+
+    >>> table = ArmTable({"count": np.zeros((), np.int64)})
+    >>> table.ensure(np.array([7, 3, 7])).tolist()
+    [2, 1, 2]
+    >>> table.lookup(np.array([3, 9])).tolist()
+    [1, 0]
+    """
+
+    def __init__(self, prior: Mapping[str, np.ndarray], *, capacity: int = 16) -> None:
+        self._prior = {name: np.array(value) for name, value in prior.items()}
+        self._size = 0
+        self._labels = np.empty(capacity, dtype=np.int64)
+        self._sorted_labels = np.empty(0, dtype=np.int64)
+        self._sorted_slots = np.empty(0, dtype=np.intp)
+        self._memo_key: bytes | None = None
+        self._memo_slots = np.empty(0, dtype=np.intp)
+        self.arrays: dict[str, np.ndarray] = {
+            name: self._prior_rows(value, capacity + 1) for name, value in self._prior.items()
+        }
+
+    @staticmethod
+    def _prior_rows(value: np.ndarray, rows: int) -> np.ndarray:
+        return np.repeat(value[None], rows, axis=0)
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Arm labels in slot order (slot ``i + 1`` holds ``labels[i]``)."""
+        return self._labels[: self._size].copy()
+
+    def rows(self, name: str) -> np.ndarray:
+        """The rows of array ``name`` that belong to arms (a view, prior excluded)."""
+        return self.arrays[name][1 : self._size + 1]
+
+    def lookup(self, items: np.ndarray) -> np.ndarray:
+        """Slot of each item (read-only array); 0 (the prior) for items never registered.
+
+        The last small lookup is remembered, keyed by the items' bytes: consecutive
+        decisions usually rank the same candidate pool.
+        """
+        key = items.tobytes() if len(items) <= _LOOKUP_MEMO_ROWS else None
+        if key is not None and key == self._memo_key:
+            return self._memo_slots
+        if self._size == 0:
+            slots = np.zeros(len(items), dtype=np.intp)
+        else:
+            pos = np.minimum(np.searchsorted(self._sorted_labels, items), self._size - 1)
+            slots = np.where(self._sorted_labels[pos] == items, self._sorted_slots[pos], 0)
+        slots.flags.writeable = False
+        self._memo_key, self._memo_slots = key, slots
+        return slots
+
+    def slot_of(self, label: int) -> int:
+        """Slot of one label, 0 if it is not registered (the one-event fast path)."""
+        pos = int(self._sorted_labels.searchsorted(label))
+        if pos < self._size and self._sorted_labels[pos] == label:
+            return int(self._sorted_slots[pos])
+        return 0
+
+    def ensure(self, items: np.ndarray) -> np.ndarray:
+        """Slot of each item, registering the items not seen before."""
+        slots = self.lookup(items)
+        missing = slots == 0
+        if missing.any():
+            self._append(np.unique(items[missing]))
+            slots = self.lookup(items)
+        return slots
+
+    def _append(self, labels: np.ndarray) -> None:
+        needed = self._size + len(labels)
+        capacity = len(self._labels)
+        if needed > capacity:
+            capacity = max(2 * capacity, needed)
+            grown = np.empty(capacity, dtype=np.int64)
+            grown[: self._size] = self._labels[: self._size]
+            self._labels = grown
+            for name, array in self.arrays.items():
+                bigger = self._prior_rows(self._prior[name], capacity + 1)
+                bigger[: self._size + 1] = array[: self._size + 1]
+                self.arrays[name] = bigger
+        self._labels[self._size : needed] = labels
+        self._size = needed
+        order = np.argsort(self._labels[:needed], kind="stable")
+        self._sorted_labels = self._labels[order]
+        self._sorted_slots = order + 1
+        self._memo_key = None
+
+    def load(self, labels: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
+        """Register ``labels`` (all new) and set their rows of the named arrays."""
+        start = self._size + 1
+        self._append(labels)
+        for name, values in arrays.items():
+            self.arrays[name][start : start + len(labels)] = values
+
+
+class BanditLearner(abc.ABC):
+    """A bandit policy that scores candidate rows and learns from batched rewards.
+
+    Rows are decisions flattened into one batch: row ``i`` is candidate
+    ``items[i]`` with features ``X[i]``; items may repeat and each row is scored
+    independently. Unknown items are new arms scored from the prior; they become
+    arms on their first update.
+
+    Subclasses declare which constructor arguments are hyperparameters and which
+    state arrays are additive statistics (per arm, or global); ``state``,
+    ``from_state``, ``merge`` and ``clone`` are implemented once, here.
+    """
+
+    #: Registry name, also the model name in the parameter store.
+    name: ClassVar[str]
+    #: Whether ``score``/``update`` need the feature matrix ``X``.
+    needs_features: ClassVar[bool]
+    #: Constructor arguments (besides ``seed``) exported as 0-d arrays in the state.
+    _hyperparameters: ClassVar[tuple[str, ...]]
+    #: Per-arm additive statistics exported in the state, summed by ``merge``.
+    _arm_statistics: ClassVar[tuple[str, ...]]
+    #: Global additive statistics exported in the state, summed by ``merge``; each is
+    #: held in the attribute ``_<name>``.
+    _global_statistics: ClassVar[tuple[str, ...]] = ()
+    #: Bounds rewards must respect, if the model needs any.
+    _reward_range: ClassVar[tuple[float, float] | None] = None
+
+    def __init__(self, *, seed: int | None = None) -> None:
+        self.seed = seed
+        self._rng = np.random.default_rng(seed)
+        self._table = ArmTable(self._arm_prior())
+
+    # -- what each learner defines -------------------------------------------------
+
+    @abc.abstractmethod
+    def _arm_prior(self) -> dict[str, np.ndarray]:
+        """Per-arm arrays (statistics and derived terms) for an arm with no data."""
+
+    @abc.abstractmethod
+    def _score(self, slots: np.ndarray, X: np.ndarray | None) -> np.ndarray:
+        """Scores for rows already resolved to arm slots (0 = prior)."""
+
+    @abc.abstractmethod
+    def _update(self, slots: np.ndarray, X: np.ndarray | None, rewards: np.ndarray) -> None:
+        """Fold validated rewards into the statistics of already-registered slots."""
+
+    def _global_state(self) -> dict[str, np.ndarray]:
+        """Copies of the global statistics, each held in attribute ``_<name>``."""
+        return {name: getattr(self, f"_{name}").copy() for name in self._global_statistics}
+
+    @abc.abstractmethod
+    def _rebuild(self) -> None:
+        """Recompute every derived term from the statistics (after a restore)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _unit_test_params(cls) -> dict[str, Any]:
+        """Small constructor arguments for the conformance suite."""
+
+    # -- the shared interface ------------------------------------------------------
+
+    @property
+    def n_features(self) -> int:
+        """Number of feature columns ``X`` must have (0 when features are ignored)."""
+        return 0
+
+    @property
+    def n_arms(self) -> int:
+        """Number of arms that have received at least one update."""
+        return len(self._table)
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """The learner's own generator (for tie-breaking a batch of scores with ``top_k``)."""
+        return self._rng
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Constructor arguments, without ``seed``."""
+        return {name: getattr(self, name) for name in self._hyperparameters}
+
+    def score(self, items: np.ndarray, X: np.ndarray | None = None) -> np.ndarray:
+        """Exploration-adjusted score of every row: float64 array of shape (n,)."""
+        items = _check_items(items)
+        features = self._check_features(X, len(items))
+        return self._score(self._table.lookup(items), features)
+
+    def select(self, items: np.ndarray, X: np.ndarray | None = None, k: int = 1) -> np.ndarray:
+        """Row indices of the ``k`` best-scoring rows, ties broken with the learner's RNG.
+
+        Random tie-breaking matters for batches: without it every decision in a
+        batch would pick the same untried arm.
+        """
+        return top_k(self.score(items, X), k, self._rng)
+
+    def update(self, items: np.ndarray, X: np.ndarray | None, rewards: np.ndarray) -> None:
+        """Fold in one reward per row; a batch of one is the online case."""
+        items = _check_items(items)
+        features = self._check_features(X, len(items))
+        if features is not None and not np.isfinite(features).all():
+            raise ValueError("X must be finite")
+        rewards = np.asarray(rewards, dtype=np.float64)
+        if rewards.shape != items.shape:
+            raise ValueError(f"rewards must have shape {items.shape}, got {rewards.shape}")
+        if not np.isfinite(rewards).all():
+            raise ValueError("rewards must be finite")
+        if len(items) == 0:
+            return
+        if self._reward_range is not None:
+            low, high = self._reward_range
+            if ((rewards < low) | (rewards > high)).any():
+                raise ValueError(f"{self.name} rewards must lie in [{low}, {high}]")
+        if len(items) == 1:
+            label = int(items[0])
+            slot = self._table.slot_of(label) or int(self._table.ensure(items)[0])
+            self._update_one(slot, None if features is None else features[0], float(rewards[0]))
+        else:
+            self._update(self._table.ensure(items), features, rewards)
+
+    def _update_one(self, slot: int, x: np.ndarray | None, reward: float) -> None:
+        """One event; learners with a cheaper rank-one path override this."""
+        self._update(
+            np.array([slot]), None if x is None else x[None, :], np.array([reward], dtype=float)
+        )
+
+    def _check_features(self, X: np.ndarray | None, n: int) -> np.ndarray | None:
+        if not self.needs_features:
+            if X is not None and len(X) != n:
+                raise ValueError(f"X must have {n} rows (one per item), got {len(X)}")
+            return None
+        if X is None:
+            raise ValueError(f"{self.name} needs features X of shape (n, {self.n_features})")
+        features = np.asarray(X, dtype=np.float64)
+        if features.shape != (n, self.n_features):
+            raise ValueError(
+                f"X must have shape ({n}, {self.n_features}) for {n} items, got {features.shape}"
+            )
+        return features
+
+    def state(self) -> State:
+        """Hyperparameters and additive statistics as named arrays, arms sorted by label.
+
+        Sorting makes the state canonical: two learners holding the same
+        statistics export equal states whatever order their arms appeared in.
+        """
+        labels = self._table.labels
+        order = np.argsort(labels, kind="stable")
+        out: State = {"items": labels[order]}
+        for name, value in self.hyperparameters().items():
+            out[name] = np.array(value, dtype=np.int64 if isinstance(value, int) else np.float64)
+        for name in self._arm_statistics:
+            out[name] = self._table.rows(name)[order].copy()
+        out.update(self._global_state())
+        return out
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, np.ndarray], *, seed: int | None = None) -> Self:
+        """A learner holding exactly the statistics and hyperparameters of ``state``."""
+        cls._check_state_keys(state)
+        learner = cls(**cls._hyperparameters_of(state), seed=seed)
+        labels = np.asarray(state["items"])
+        if labels.ndim != 1 or labels.dtype != np.int64:
+            raise ValueError(f"state 'items' must be 1-D int64, got {labels.dtype} {labels.shape}")
+        if len(np.unique(labels)) != len(labels):
+            raise ValueError("state 'items' holds duplicate labels")
+        arm_stats = {}
+        for name in cls._arm_statistics:
+            prior = learner._table.arrays[name][0]
+            arm_stats[name] = _checked_array(state, name, (len(labels), *prior.shape), prior.dtype)
+        global_stats = {}
+        current = learner._global_state()
+        for name in cls._global_statistics:
+            expected = current[name]
+            global_stats[name] = _checked_array(state, name, expected.shape, expected.dtype)
+        learner._table.load(labels, arm_stats)
+        for name, array in global_stats.items():
+            setattr(learner, f"_{name}", array.copy())
+        learner._rebuild()
+        return learner
+
+    @classmethod
+    def merge(cls, states: Sequence[Mapping[str, np.ndarray]]) -> State:
+        """Combine per-partition states: align arms by label and sum the statistics.
+
+        The prior is a hyperparameter, not a statistic, so it is counted once.
+        Raises ValueError when the states' hyperparameters differ.
+        """
+        if not states:
+            raise ValueError("merge needs at least one state")
+        for state in states:
+            cls._check_state_keys(state)
+        reference = cls._hyperparameters_of(states[0])
+        for index, state in enumerate(states[1:], start=1):
+            other = cls._hyperparameters_of(state)
+            for name, value in reference.items():
+                if other[name] != value:
+                    raise ValueError(
+                        f"cannot merge {cls.name} states: {name} is {value} in state 0 "
+                        f"but {other[name]} in state {index}"
+                    )
+        labels = np.unique(np.concatenate([np.asarray(s["items"], np.int64) for s in states]))
+        out: State = {"items": labels}
+        for name in cls._hyperparameters:
+            out[name] = np.array(states[0][name])
+        for name in cls._arm_statistics:
+            first = np.asarray(states[0][name])
+            total = np.zeros((len(labels), *first.shape[1:]), dtype=first.dtype)
+            for state in states:
+                total[np.searchsorted(labels, state["items"])] += state[name]
+            out[name] = total
+        for name in cls._global_statistics:
+            out[name] = np.sum([np.asarray(s[name]) for s in states], axis=0)
+        return out
+
+    def clone(self) -> Self:
+        """A fresh learner with the same hyperparameters and seed, and no data."""
+        return type(self)(**self.hyperparameters(), seed=self.seed)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({params}, seed={self.seed!r}) with {self.n_arms} arms"
+
+    # -- state helpers -------------------------------------------------------------
+
+    @classmethod
+    def _check_state_keys(cls, state: Mapping[str, np.ndarray]) -> None:
+        expected = {"items", *cls._hyperparameters, *cls._arm_statistics, *cls._global_statistics}
+        if missing := expected - set(state):
+            raise ValueError(f"{cls.name} state lacks arrays {sorted(missing)}")
+        if extra := set(state) - expected:
+            raise ValueError(f"{cls.name} state has unexpected arrays {sorted(extra)}")
+
+    @classmethod
+    def _hyperparameters_of(cls, state: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in cls._hyperparameters:
+            value = np.asarray(state[name])
+            if value.shape != () or value.dtype not in (np.int64, np.float64):
+                raise ValueError(
+                    f"state hyperparameter {name!r} must be a 0-d int64 or float64 array, "
+                    f"got {value.dtype} of shape {value.shape}"
+                )
+            out[name] = value.item()
+        return out
+
+
+def _check_items(items: np.ndarray) -> np.ndarray:
+    array = np.asarray(items)
+    if array.ndim != 1:
+        raise ValueError(f"items must be a 1-D array of item labels, got shape {array.shape}")
+    if array.dtype.kind not in "iu":
+        if array.size == 0:
+            return array.astype(np.int64)
+        raise ValueError(f"items must be integer labels, got dtype {array.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
+def _checked_array(
+    state: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...], dtype: np.dtype
+) -> np.ndarray:
+    array = np.asarray(state[name])
+    if array.shape != shape or array.dtype != dtype:
+        raise ValueError(
+            f"state array {name!r} must be {dtype} of shape {shape}, "
+            f"got {array.dtype} of shape {array.shape}"
+        )
+    return array
+
+
+def positive(name: str, value: float, *, allow_zero: bool = False) -> float:
+    """``value`` as a float, or ValueError unless it is finite and positive."""
+    number = float(value)
+    if not np.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        bound = "non-negative" if allow_zero else "positive"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+    return number
+
+
+def dimension(name: str, value: int, *, minimum: int = 1) -> int:
+    """``value`` as an int, or ValueError unless it is an integer of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
