@@ -355,6 +355,144 @@ def print_learners(result: dict[str, Any]) -> None:
     print(f"targets: {result['targets']}")
 
 
+# -- end-to-end freshness ---------------------------------------------------------------
+
+
+def freshness_section(args: argparse.Namespace) -> dict[str, Any]:
+    """Feedback produced to Kafka -> a LinUCB version readable in Redis that reflects it.
+
+    Runs ``streamrec run bandits`` as its own process against the embedded broker and
+    Redis, produces feedback at a steady rate, and watches the parameter store: a
+    record is fresh once a published version's offsets cover it.
+    """
+    import subprocess
+    import tempfile
+    import threading
+
+    from kafka import KafkaProducer
+
+    from contracts.events import Feedback, encode, feedback_id
+    from services.paramstore import ModelNotFound, ParamStore
+    from services.stack.servers import ensure_topics, start_broker, start_redis
+
+    rate, seconds = 5000.0, (5.0 if args.quick else 20.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = start_broker(Path(tmp))
+        redis_server = start_redis(Path(tmp) / "redis")
+        ensure_topics({"bootstrap_servers": broker.bootstrap}, {"fb": 4, "dlq": 1})
+        env = os.environ | {
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "REDIS_URL": redis_server.url,
+            "STREAMREC_TOPIC_FEEDBACK": "fb",
+            "STREAMREC_TOPIC_DEAD_LETTER": "dlq",
+            "STREAMREC_BANDITS_POLICIES": '{"linucb": {"learner": "linucb"}}',
+            "STREAMREC_BANDITS_CONTEXT_DIM": str(CONTEXT_DIM),
+            "KAFKA_MAX_POLL_INTERVAL_MS": "3000",
+            "KAFKA_SESSION_TIMEOUT_MS": "3000",
+        }
+        service = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "run", "bandits"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        store = ParamStore.from_url(redis_server.url)
+        rng = np.random.default_rng(0)
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=1)
+        sent: list[tuple[Any, float]] = []
+        seen: list[tuple[float, dict[int, int]]] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            last = None
+            while not done.is_set():
+                try:
+                    head = store.head("linucb")
+                    if head is not None and head != last:
+                        last = head
+                        _, header, _ = store.latest("linucb")
+                        seen.append((time.time(), header["offsets"].get("fb", {})))
+                except ModelNotFound:
+                    pass
+                time.sleep(0.005)
+
+        def event(i: int) -> bytes:
+            context = [*rng.normal(size=CONTEXT_DIM).round(4).tolist()]
+            return encode(
+                Feedback(
+                    feedback_id=feedback_id(f"r{i}", f"i{i % N_ARMS}"),
+                    request_id=f"r{i}",
+                    user_id=f"u{i % 997}",
+                    item_id=f"i{i % N_ARMS}",
+                    ts=time.time(),
+                    reward=int(rng.random() < 0.05),
+                    position=0,
+                    propensity=1.0,
+                    policy="linucb",
+                    context=context,
+                )
+            )
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            producer.send("fb", key=b"warmup", value=event(-1)).get(30)
+            deadline = time.monotonic() + 60
+            while not seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+            started = time.monotonic()
+            i = 0
+            while time.monotonic() - started < seconds:
+                due = int((time.monotonic() - started) * rate) - i
+                for _ in range(max(due, 0)):
+                    sent.append(
+                        (
+                            producer.send("fb", key=f"u{i % 997}".encode(), value=event(i)),
+                            time.time(),
+                        )
+                    )
+                    i += 1
+                time.sleep(0.001)
+            producer.flush()
+            time.sleep(3.0)
+        finally:
+            done.set()
+            watcher.join()
+            service.terminate()
+            service.wait(30)
+            producer.close()
+            store.close()
+            broker.stop()
+            redis_server.stop()
+    fresh = []
+    for future, produced_at in sent:
+        meta = future.get(0)
+        for observed_at, offsets in seen:
+            if int(offsets.get(meta.partition, offsets.get(str(meta.partition), 0))) > meta.offset:
+                fresh.append(observed_at - produced_at)
+                break
+    ms = np.array(fresh) * 1000
+    return {
+        "rate_per_s": rate,
+        "seconds": seconds,
+        "events": len(sent),
+        "fresh_events": int(ms.size),
+        "versions_observed": len(seen),
+        "freshness_p50_ms": float(np.percentile(ms, 50)),
+        "freshness_p99_ms": float(np.percentile(ms, 99)),
+        "target_p99_ms": 1000.0,
+    }
+
+
+def print_freshness(result: dict[str, Any]) -> None:
+    print(
+        f"freshness at {result['rate_per_s']:.0f} feedback/s: p50 "
+        f"{result['freshness_p50_ms']:.0f} ms, p99 {result['freshness_p99_ms']:.0f} ms "
+        f"(target p99 <= 1000 ms; {result['fresh_events']}/{result['events']} events seen "
+        f"in {result['versions_observed']} versions)"
+    )
+
+
 # -- the script ---------------------------------------------------------------------
 
 #: (name, run, print) for every section, in order; each gets a --skip-<name> flag.
@@ -362,6 +500,7 @@ SECTIONS: list[
     tuple[str, Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]
 ] = [
     ("learners", learners_section, print_learners),
+    ("freshness", freshness_section, print_freshness),
 ]
 
 
