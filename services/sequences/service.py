@@ -49,10 +49,6 @@ log = logging.getLogger(__name__)
 SERVICE = "sequences"
 
 
-class UnappliedBatchError(RuntimeError):
-    """A batch could not be written, so no checkpoint may cover its offsets."""
-
-
 class SequencesSettings(BaseSettings):
     """Sequences service settings (``STREAMREC_SEQUENCES_*``)."""
 
@@ -117,7 +113,6 @@ class SequencesProcessor(Processor):
         self.metrics = metrics
         self.clock = clock
         self.sleep = sleep
-        self._failed: BaseException | None = None
 
     def apply(self, records: list[Record], ctx: Context) -> list[Rejection]:
         # A click stamped far ahead would sit on top of its user's sequence until
@@ -144,8 +139,7 @@ class SequencesProcessor(Processor):
                 return self.store.append(records)
             except redis.RedisError as exc:
                 if attempt == self.retries:
-                    self._failed = exc
-                    raise
+                    raise  # the runtime then exits without checkpointing this batch
                 delay = self.backoff_s * 2**attempt
                 attempt += 1
                 log.warning("sequence write failed (retry %d in %.1f s): %s", attempt, delay, exc)
@@ -155,11 +149,6 @@ class SequencesProcessor(Processor):
 
     def snapshot(self, partition: int) -> bytes:
         """Empty: the offsets that matter are stored with each user's writes."""
-        if self._failed is not None:
-            raise UnappliedBatchError(
-                f"not checkpointing partition {partition}: a batch failed to apply "
-                f"({self._failed!r})"
-            )
         return b""
 
     def restore(self, partition: int, checkpoint: Checkpoint | None) -> Mapping[str, int] | None:
