@@ -15,11 +15,11 @@ contracts.events.EventError: invalid: Expected `str` of length >= 1 - at `$.even
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar, cast
 
 import msgspec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_SLATE = 100
 MAX_FEATURES = 1024
@@ -139,7 +139,7 @@ def _decode(cls: type[E], raw: bytes) -> E:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise EventError(f"too large: {len(raw)} bytes > {MAX_MESSAGE_BYTES}")
     try:
-        return _decoders[cls].decode(raw)
+        return cast(E, _decoders[cls].decode(raw))
     except msgspec.ValidationError as exc:
         raise EventError(f"invalid: {exc}") from None
     except msgspec.DecodeError as exc:

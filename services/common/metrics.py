@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from http.server import ThreadingHTTPServer
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -89,7 +89,7 @@ class ConsumerMetrics:
 
 def serve_metrics(
     registry: CollectorRegistry, port: int = 0, host: str = "127.0.0.1"
-) -> tuple[ThreadingHTTPServer, threading.Thread]:
+) -> tuple[WSGIServer, threading.Thread]:
     """Serve ``/metrics`` for ``registry``; port 0 picks a free port (see ``server_port``)."""
     server, thread = start_http_server(port, addr=host, registry=registry)
     log.info("metrics on http://%s:%d/metrics", host, server.server_port)
