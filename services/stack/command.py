@@ -163,23 +163,29 @@ def up(args: argparse.Namespace) -> int:
                 supervisor.add(name, {"STREAMREC_SERVING_PORT": str(serving_port)}, serving_port)
             else:
                 supervisor.add(name)
-        state = {
-            "pid": os.getpid(),
-            "started_at": time.time(),
-            "kafka": bootstrap,
-            "redis": redis_url,
-            "servers": {p.name: p.pid for p in servers},
-            "services": {
-                name: {
-                    "pid": s.process.pid,
-                    "metrics_port": s.metrics_port,
-                    "http_port": s.http_port,
-                    "log": str(s.process.log_path),
-                }
-                for name, s in supervisor.services.items()
-            },
-        }
-        _write_state(run_dir, state)
+
+        def write_state() -> None:
+            _write_state(
+                run_dir,
+                {
+                    "pid": os.getpid(),
+                    "kafka": bootstrap,
+                    "redis": redis_url,
+                    "servers": {p.name: p.pid for p in servers},
+                    "services": {
+                        name: {
+                            "pid": s.process.pid,
+                            "metrics_port": s.metrics_port,
+                            "http_port": s.http_port,
+                            "log": str(s.process.log_path),
+                            "restarts": s.restarts,
+                        }
+                        for name, s in supervisor.services.items()
+                    },
+                },
+            )
+
+        write_state()
         print(
             f"streamrec up: kafka {bootstrap}, redis {redis_url}, "
             f"services {', '.join(supervisor.services)}; logs in {run_dir / 'logs'}"
@@ -201,8 +207,11 @@ def up(args: argparse.Namespace) -> int:
             demo.start()
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stopping and (deadline is None or time.monotonic() < deadline):
-            for event in supervisor.check():
+            events = supervisor.check()
+            for event in events:
                 log.warning(event)
+            if events:
+                write_state()
             if demo is not None:
                 demo.show()
             time.sleep(1.0)
@@ -251,10 +260,15 @@ def status(args: argparse.Namespace) -> int:
         return 1
     print(f"stack pid {state['pid']}  kafka {state['kafka']}  redis {state['redis']}")
     for name, info in state["services"].items():
+        # HTTP services serve /metrics on their own port; consumers on a metrics port.
+        port = info["http_port"] or info["metrics_port"]
         try:
-            httpx.get(f"http://127.0.0.1:{info['metrics_port']}/metrics", timeout=2)
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).raise_for_status()
             health = "up"
         except httpx.HTTPError:
             health = "not answering"
-        print(f"  {name:<11} pid {info['pid']:<7} metrics :{info['metrics_port']:<6} {health}")
+        print(
+            f"  {name:<11} pid {info['pid']:<7} metrics :{port:<6} restarts "
+            f"{info['restarts']:<3} {health}"
+        )
     return 0
