@@ -140,3 +140,26 @@ def test_bearer_token_is_required(gateway):
     assert client.get("/healthz").json() == {"status": "ok"}
     metrics = client.get("/metrics").text
     assert 'streamrec_gateway_requests_total{code="401",route="/v1/clicks"} 1.0' in metrics
+
+
+def test_events_round_trip_gateway_to_kafka_to_a_runtime_consumer(
+    gateway, redis_url, redis_client, keyspace, unique_name, tmp_path
+):
+    """HTTP in, consumed and applied by the shared runtime in its own process."""
+    from services.stack.servers import ensure_topics
+    from tests.integration.processes import wait_for
+    from tests.integration.test_runtime import _tally, _worker
+
+    client, topics, bootstrap = gateway
+    ensure_topics({"bootstrap_servers": bootstrap}, {f"{topics.clicks}-dlq": 1})
+    for start in range(0, 2000, 500):
+        body = [click(i, event_id=f"e{i}") for i in range(start, start + 500)]
+        assert client.post("/v1/clicks", json=body).status_code == 202
+    group = unique_name("roundtrip")
+    worker = _worker(topics.clicks, group, keyspace, bootstrap, redis_url, tmp_path / "w.log")
+    try:
+        wait_for(lambda: _tally(redis_client, keyspace, group, 2)[0] == 2000, 60, "all clicks")
+        assert _tally(redis_client, keyspace, group, 2) == (2000, sum(range(2000)))
+    finally:
+        worker.terminate()
+        worker.wait(30)
