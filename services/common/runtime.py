@@ -226,8 +226,7 @@ class ConsumerRuntime:
         except BaseException:
             # The failed batch may be half applied: no checkpoint may record it.
             self._failed = True
-            log.exception("%s failed; exiting without checkpointing the failed batch",
-                          self.service)
+            log.exception("%s failed; exiting without checkpointing the failed batch", self.service)
             raise
         finally:
             self._shutdown()
@@ -300,7 +299,7 @@ class ConsumerRuntime:
                 try:
                     good.append(self._record(raw, decode(raw.value)))
                 except EventError as exc:
-                    self._dead_letter(raw, exc.reason)
+                    self._dead_letter(self._record(raw, None), exc.reason)
                     outcomes[(tp.topic, "dead_letter")] += 1
             self._positions[tp] = raw_records[-1].offset + 1
             ckpt.offsets[tp.topic] = raw_records[-1].offset + 1
