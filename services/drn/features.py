@@ -57,6 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -161,6 +162,41 @@ class FeatureLayout:
     def action_dim(self) -> int:
         """Width of one action row."""
         return action_dim(self.embedding_dim, n_windows=len(self.windows_s))
+
+    def to_meta(self) -> dict[str, Any]:
+        """The layout as JSON-ready values (published with the weights it was trained for).
+
+        >>> FeatureLayout.from_meta(FeatureLayout(4, n_context=2).to_meta()) == FeatureLayout(
+        ...     4, n_context=2)
+        True
+        """
+        return {
+            "embedding_dim": self.embedding_dim,
+            "windows_s": list(self.windows_s),
+            "n_context": self.n_context,
+            "recent_k": self.recent_k,
+            "freshness_scale_s": self.freshness_scale_s,
+            "utc_offset_s": self.utc_offset_s,
+        }
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any]) -> FeatureLayout:
+        """The layout :meth:`to_meta` describes; ``ValueError`` on unknown or bad fields."""
+        fields = {
+            "embedding_dim",
+            "windows_s",
+            "n_context",
+            "recent_k",
+            "freshness_scale_s",
+            "utc_offset_s",
+        }
+        unknown = sorted(set(meta) - fields)
+        if unknown or "embedding_dim" not in meta:
+            raise ValueError(f"feature layout meta needs embedding_dim, got unknown {unknown}")
+        values = dict(meta)
+        if "windows_s" in values:
+            values["windows_s"] = tuple(float(w) for w in values["windows_s"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)

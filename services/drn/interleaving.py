@@ -12,9 +12,10 @@ clicks decide which network is better. Two merges are offered:
   team with fewer picks so far (a coin flip when level) places its best
   remaining item.
 
-Each shown item records which team placed it and the probability of that
-placement, and the slate records the probability of its item list, so
-propensities can be logged for off-policy estimators.
+Each shown item records which team placed it, the probability of that
+placement, and the probability of that item in that slot given the items
+above it (whichever team placed it); the slate records the probability of its
+item list, so propensities can be logged for off-policy estimators.
 
 Credit: :func:`credit` gives every click to the team that placed the item and
 lets the team with more clicks win. :func:`marginalized_credit` is the
@@ -59,6 +60,10 @@ class InterleavedSlate:
             ``"explore"`` = W̃).
         placement_probabilities: per shown item, the probability that this team
             placed this item in this slot, given everything placed before it.
+        item_probabilities: per shown item, the probability that this item
+            fills this slot given the items shown above it, whichever team
+            placed it; the first is the item's marginal probability of being
+            shown on top, and their product is ``slate_probability``.
         slate_probability: the probability of showing exactly ``items`` in this
             order, whichever teams placed them.
         explore_posteriors: probabilistic interleaving only (else ``None``):
@@ -70,6 +75,7 @@ class InterleavedSlate:
     items: tuple[Hashable, ...]
     teams: tuple[Team, ...]
     placement_probabilities: tuple[float, ...]
+    item_probabilities: tuple[float, ...]
     slate_probability: float
     explore_posteriors: tuple[float, ...] | None
 
@@ -159,6 +165,7 @@ def probabilistic_interleave(
         items=tuple(items),
         teams=tuple(teams),
         placement_probabilities=tuple(placements),
+        item_probabilities=tuple(item_probabilities),
         slate_probability=math.prod(item_probabilities),
         explore_posteriors=tuple(posteriors),
     )
@@ -207,24 +214,29 @@ def team_draft_interleave(
         tops_per_slot.append((tops[0], tops[1]))
         placed.add(item)
         counts[t] += 1
+    prefixes = _team_draft_prefix_probabilities(items, tops_per_slot)
     return InterleavedSlate(
         method="team_draft",
         items=tuple(items),
         teams=tuple(teams),
         placement_probabilities=tuple(placements),
-        slate_probability=_team_draft_list_probability(items, tops_per_slot),
+        item_probabilities=tuple(
+            now / before for now, before in zip(prefixes, (1.0, *prefixes[:-1]), strict=True)
+        ),
+        slate_probability=prefixes[-1],
         explore_posteriors=None,
     )
 
 
-def _team_draft_list_probability(
+def _team_draft_prefix_probabilities(
     items: Sequence[Hashable], tops_per_slot: Sequence[tuple[Hashable | None, Hashable | None]]
-) -> float:
-    """P(list) under team-draft, summed over every pick history that yields it.
+) -> list[float]:
+    """P(the first j items of the list), j = 1..k, under team-draft, over every pick history.
 
     Each team's best remaining item depends only on the items already shown,
     so a forward pass over "exploit picks so far" covers all histories.
     """
+    prefixes: list[float] = []
     forward = {0: 1.0}
     for slot, (item, tops) in enumerate(zip(items, tops_per_slot, strict=True)):
         live = (tops[0] is not None, tops[1] is not None)
@@ -236,7 +248,8 @@ def _team_draft_list_probability(
             if tops[1] == item and pick[1] > 0:
                 step[exploit_picks] = step.get(exploit_picks, 0.0) + p * pick[1]
         forward = step
-    return sum(forward.values())
+        prefixes.append(sum(forward.values()))
+    return prefixes
 
 
 def _check_feedback(n: int, clicked: Sequence[bool], what: str) -> None:

@@ -27,8 +27,8 @@ the version a slate was interleaved with and pass it back to
 since been replaced — its ΔW would point somewhere else.
 
 The learner knows nothing of Kafka or Redis: arrays in, arrays out. State is
-exported as named numpy arrays (:meth:`DRNLearner.state`); the Adam moments are
-not part of it, so a restored learner restarts its optimiser.
+exported as named numpy arrays (:meth:`DRNLearner.state`), Adam's moments
+included, so a restored learner trains on exactly as the original would.
 
 >>> import numpy as np
 >>> learner = DRNLearner(4, 3, hidden=(8,), batch_size=4, buffer_capacity=32, seed=7)
@@ -375,11 +375,12 @@ class DRNLearner:
     # -- state ----------------------------------------------------------------------
 
     def state(self, *, include_buffer: bool = False) -> dict[str, np.ndarray]:
-        """Everything needed to resume, as named arrays (no optimiser moments).
+        """Everything needed to resume, as named arrays (Adam's moments included).
 
         Names: ``online/…``, ``explore/…``, ``delta/…``, ``target/…`` (network
         parameters), ``config/dims``, ``config/hidden``, ``config/rates``,
-        ``counters``, ``rng`` and, with ``include_buffer``, ``buffer/…``.
+        ``counters``, ``rng``, ``adam/<parameter>/{step,exp_avg,exp_avg_sq}`` once a
+        major update has run and, with ``include_buffer``, ``buffer/…``.
         """
         networks = {
             "online": self._online.weights(),
@@ -409,9 +410,38 @@ class DRNLearner:
         )
         out["counters"] = np.array([self._counters[k] for k in _COUNTERS], dtype=np.int64)
         out["rng"] = _rng_to_array(self._rng)
+        out.update(self._adam_arrays())
         if include_buffer:
             out.update({f"buffer/{k}": v for k, v in self._buffer.arrays().items()})
         return out
+
+    def _adam_arrays(self) -> dict[str, np.ndarray]:
+        out = {}
+        for name, param in self._online.named_parameters():
+            moments = self._optimizer.state.get(param)
+            if not moments:
+                continue
+            out[f"adam/{name}/step"] = np.array([float(moments["step"])], dtype=np.float64)
+            out[f"adam/{name}/exp_avg"] = moments["exp_avg"].detach().numpy().copy()
+            out[f"adam/{name}/exp_avg_sq"] = moments["exp_avg_sq"].detach().numpy().copy()
+        return out
+
+    def _load_adam(self, state: Mapping[str, np.ndarray]) -> None:
+        for name, param in self._online.named_parameters():
+            prefix = f"adam/{name}/"
+            if f"{prefix}step" not in state:
+                continue
+            moments = {}
+            for key in ("exp_avg", "exp_avg_sq"):
+                array = np.asarray(state[f"{prefix}{key}"], dtype=np.float32)
+                if array.shape != tuple(param.shape):
+                    raise ValueError(
+                        f"DRN state {prefix}{key}: shape {array.shape}, expected "
+                        f"{tuple(param.shape)}"
+                    )
+                moments[key] = torch.from_numpy(array.copy())
+            step = float(np.asarray(state[f"{prefix}step"]).reshape(-1)[0])
+            self._optimizer.state[param] = {"step": torch.tensor(step), **moments}
 
     @classmethod
     def from_state(cls, state: Mapping[str, np.ndarray]) -> DRNLearner:
@@ -465,6 +495,7 @@ class DRNLearner:
         learner._delta = {k: np.asarray(delta[k], dtype=np.float32).copy() for k in expected}
         learner._counters = dict(zip(_COUNTERS, (int(c) for c in counters), strict=True))
         learner._rng = _rng_from_array(state["rng"])
+        learner._load_adam(state)
         buffer = {k.partition("/")[2]: v for k, v in state.items() if k.startswith("buffer/")}
         if buffer:
             restored = ReplayBuffer.from_arrays(buffer)

@@ -2,7 +2,11 @@
 
 Online (default): every policy in ``--policies`` runs ``--steps`` requests on the
 same seeded world; prints final CTR and regret, and with ``--out DIR`` writes
-``results.json``, ``ctr.png`` and ``regret.png``.
+``results.json``, ``ctr.png`` and ``regret.png``. With ``drn`` among the policies
+or ``--seeds N`` > 1 the run repeats over N seeds (:func:`services.evaluation.drn.compare`)
+and reports second-half CTR (mean ± sd), regret, nDCG@k and, for DRN, the paired
+difference to each other policy and the DBGD interleaving win rate; ``--out``
+then gets ``results.json`` and ``drn_*.png``.
 
 Offline: ``--replay FILE.jsonl`` runs Li et al.'s replay evaluator of each
 (learning) policy over a Feedback log; ``--ips FILE.jsonl`` trains each policy
@@ -31,14 +35,18 @@ from services.evaluation.replay import (
 )
 from services.simulator.world import SCENARIOS, WorldConfig
 
+#: Policies only the online evaluation can run (DRN learns from interleaved slates).
+ONLINE_ONLY = ("drn",)
+CHOICES = (*POLICY_NAMES, *ONLINE_ONLY)
+
 
 def _policy_list(value: str) -> list[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
         raise argparse.ArgumentTypeError("give at least one policy")
-    if unknown := [n for n in names if n not in POLICY_NAMES]:
+    if unknown := [n for n in names if n not in CHOICES]:
         raise argparse.ArgumentTypeError(
-            f"unknown policies {unknown}; choose from {','.join(POLICY_NAMES)}"
+            f"unknown policies {unknown}; choose from {','.join(CHOICES)}"
         )
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError("a policy is listed twice")
@@ -58,10 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policies",
         type=_policy_list,
         default=["linucb", "ts_beta", "random"],
-        help=f"comma-separated, from {','.join(POLICY_NAMES)} (default: linucb,ts_beta,random)",
+        help=f"comma-separated, from {','.join(CHOICES)} (default: linucb,ts_beta,random)",
     )
     parser.add_argument("--steps", type=_positive_int, default=20_000, help="online requests")
     parser.add_argument("--seed", type=int, default=0, help="world and policy seed")
+    parser.add_argument(
+        "--seeds",
+        type=_positive_int,
+        default=1,
+        help="online: repeat over this many seeds from --seed on, report mean +- sd",
+    )
     parser.add_argument("--scenario", choices=SCENARIOS, default="linear", help="click model")
     parser.add_argument(
         "--window", type=_positive_int, help="CTR window in requests (default: steps / 50)"
@@ -103,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _online(args: argparse.Namespace) -> dict[str, Any]:
+    if args.seeds > 1 or any(name in ONLINE_ONLY for name in args.policies):
+        return _online_seeds(args)
     config = WorldConfig(scenario=args.scenario)
     policies = {
         name: make_policy(
@@ -130,7 +146,50 @@ def _online(args: argparse.Namespace) -> dict[str, Any]:
     return result.summary(window)
 
 
+def _online_seeds(args: argparse.Namespace) -> dict[str, Any]:
+    from services.evaluation.drn import compare
+
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    print(f"{args.scenario} world, seeds {seeds}, {args.steps} requests each")
+    report = compare(
+        policies=args.policies,
+        scenarios=[args.scenario],
+        seeds=seeds,
+        steps=args.steps,
+        window=args.window or max(1, args.steps // 50),
+        progress=True,
+    )
+    body = report["scenarios"][args.scenario]
+    summary = body["summary"]
+    print(f"{'policy':<15} {'ctr 2nd half':>17} {'nDCG 2nd half':>15} {'regret':>16}")
+    for name, stats in summary["policies"].items():
+        ctr, ndcg, regret = (
+            stats[k] for k in ("ctr_second_half", "ndcg_second_half", "cumulative_regret")
+        )
+        print(
+            f"{name:<15} {ctr['mean']:8.4f} +- {ctr['sd']:.4f} {ndcg['mean']:7.4f} +- "
+            f"{ndcg['sd']:.4f} {regret['mean']:8.1f} +- {regret['sd']:.1f}"
+        )
+    for pair, diff in summary.get("differences", {}).items():
+        low, high = diff["ci95"]
+        print(
+            f"{pair}: CTR {diff['mean']:+.4f} +- {diff['sd']:.4f} (95% CI {low:+.4f}, {high:+.4f})"
+        )
+    if "dbgd_win_rate_second_half" in body:
+        rate = body["dbgd_win_rate_second_half"]
+        low, high = rate["ci95"]
+        print(f"DBGD: W~ wins {rate['rate']:.3f} of decided slates (95% CI {low:.3f}, {high:.3f})")
+    if args.out:
+        from services.evaluation.drn import plot_comparison
+
+        for path in plot_comparison(report, args.out):
+            print(f"wrote {path}")
+    return report
+
+
 def _offline(args: argparse.Namespace) -> dict[str, Any]:
+    if online_only := [name for name in args.policies if name in ONLINE_ONLY]:
+        raise ValueError(f"{online_only} can only be evaluated online")
     path: Path = args.replay or args.ips
     slates = read_feedback_log(path)
     events = top_slot_events(slates, logging_policy=args.logging_policy)

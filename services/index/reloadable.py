@@ -25,7 +25,8 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -44,11 +45,44 @@ class IndexNotReady(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class LoadedIndex:
-    """One loaded, verified snapshot: what a query reads, as one immutable reference."""
+    """One loaded, verified snapshot: what a query reads, as one immutable reference.
+
+    Besides nearest-neighbour search it answers :meth:`vectors`, the stored vectors
+    of given items (serving pools a user's recent items into a query vector), so
+    the vectors and the search come from the same snapshot.
+    """
 
     index: faiss.Index
     item_ids: tuple[str, ...]
     manifest: Manifest
+    #: item id -> row; derived from ``item_ids`` when loaded, off the query path.
+    positions: Mapping[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.positions and self.item_ids:
+            object.__setattr__(
+                self, "positions", {item: row for row, item in enumerate(self.item_ids)}
+            )
+        if isinstance(self.index, faiss.IndexIVF) and self.index.direct_map.type == 0:
+            # IVF lists are not addressable by id until a direct map is built.
+            self.index.make_direct_map()
+
+    def vectors(self, item_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The stored vectors of ``item_ids`` (``float32 (n, d)``) and a mask of the known ones.
+
+        Unknown ids get zero rows. IVF-PQ indexes return their decoded (approximate)
+        vectors.
+        """
+        if isinstance(item_ids, str):
+            raise ValueError("item_ids must be a sequence of item ids, got a str")
+        rows = np.fromiter(
+            (self.positions.get(item, -1) for item in item_ids), dtype=np.int64, count=len(item_ids)
+        )
+        known = rows >= 0
+        out = np.zeros((len(rows), self.manifest.dimension), dtype=np.float32)
+        if known.any():
+            out[known] = self.index.reconstruct_batch(rows[known])
+        return out, known
 
 
 class ReloadableIndex:
@@ -116,7 +150,9 @@ class ReloadableIndex:
         current = self._current
         return None if current is None else current.manifest.version
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+    def search(
+        self, vectors: np.ndarray, k: int, *, snapshot: LoadedIndex | None = None
+    ) -> tuple[list[list[str]], np.ndarray]:
         """The ``k`` nearest items to each query vector.
 
         ``vectors`` is ``(m, d)`` or a single ``(d,)`` query (answered as ``m = 1``).
@@ -124,9 +160,12 @@ class ReloadableIndex:
         with ``k' = min(k, items)``: inner products for ``ip`` (higher is better),
         squared distances for ``l2`` (lower is better). Where an approximate index
         finds fewer than ``k'`` items a row's id list is shorter and the missing
-        scores are NaN.
+        scores are NaN. ``snapshot`` searches that :attr:`current` snapshot instead
+        of the newest one.
         """
-        current = self.current  # the one read of the shared reference
+        # The one read of the shared reference, unless the caller holds a snapshot
+        # (from :attr:`current`) it also read item vectors from.
+        current = snapshot if snapshot is not None else self.current
         queries = np.asarray(vectors, dtype=np.float32)
         if queries.ndim == 1:
             queries = queries[None, :]

@@ -1,0 +1,69 @@
+"""Serving: candidates, ranking policies, slates with exact propensities, logged impressions.
+
+- :mod:`~services.serving.recommender`: :class:`Recommender`, the library —
+  user → candidates (faiss neighbours of the user's recent items, fresh,
+  popular, random fill) → features → the user's policy → slate → one
+  Impression to Kafka → answer;
+- :mod:`~services.serving.api`: the HTTP API (``streamrec run serving``);
+- :mod:`~services.serving.candidates`: popular/fresh lists and the item catalog
+  in Redis, and the in-memory feed serving reads them from;
+- :mod:`~services.serving.policies`: the ranking-policy interface, the random
+  and bandit policies and the traffic router;
+- :mod:`~services.serving.slate`: top-k with epsilon exploration and exact
+  marginal propensities.
+"""
+
+from __future__ import annotations
+
+from services.serving.candidates import (
+    CandidateFeed,
+    CandidateLists,
+    CatalogKeys,
+    ItemCatalog,
+    publish_catalog,
+    write_ranked,
+)
+from services.serving.policies import (
+    BanditPolicy,
+    PolicyRouter,
+    RandomPolicy,
+    RankedSlate,
+    RankingPolicy,
+    RankRequest,
+)
+from services.serving.recommender import (
+    BadRequest,
+    ImpressionNotLogged,
+    KafkaImpressionLog,
+    NoCandidates,
+    Recommendation,
+    Recommender,
+    RecommenderConfig,
+    impression_for,
+)
+from services.serving.slate import Slate, build_slate
+
+__all__ = [
+    "BadRequest",
+    "BanditPolicy",
+    "CandidateFeed",
+    "CandidateLists",
+    "CatalogKeys",
+    "ImpressionNotLogged",
+    "ItemCatalog",
+    "KafkaImpressionLog",
+    "NoCandidates",
+    "PolicyRouter",
+    "RandomPolicy",
+    "RankRequest",
+    "RankedSlate",
+    "RankingPolicy",
+    "Recommendation",
+    "Recommender",
+    "RecommenderConfig",
+    "Slate",
+    "build_slate",
+    "impression_for",
+    "publish_catalog",
+    "write_ranked",
+]

@@ -1,25 +1,33 @@
 """The live view of ``streamrec up --simulate`` (what ``make demo`` shows).
 
-The simulator runs in a thread of the ``up`` process and posts to the gateway;
-every few seconds a progress line shows request and event rates (scraped from
-the services' /metrics), total consumer lag, each policy's recent CTR and the
-model version it is serving. The summary compares each policy's CTR early and
-late in the run with the random policy's.
+The simulator runs in a thread of the ``up`` process. When the stack runs the
+serving service, the loop is closed: the simulator asks serving for every slate
+(serving logs the impression to Kafka) and posts only the clicks to the
+gateway; without serving it ranks in-process (:class:`LocalPolicies`) and posts
+impressions and clicks. Every few seconds a progress line shows request and
+event rates (scraped from the services' /metrics), total consumer lag, the
+index version serving follows, each policy's recent CTR and the model version
+it is serving. The summary compares each policy's CTR early and late in the run
+with the random policy's.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import httpx
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.common import clients
 from services.common.settings import RedisSettings
+from services.index import SnapshotError, read_pointer
 from services.paramstore import ParamStore
 from services.simulator.command import make_simulation
-from services.simulator.driver import GatewaySink
+from services.simulator.driver import GatewaySink, ServingSource
 from services.stack.supervisor import Supervisor
 
 SHOW_EVERY_S = 5.0
@@ -60,30 +68,62 @@ class Demo:
         if gateway_port is None:
             raise ValueError("the demo drives the stack through the gateway; start it too")
         self.supervisor = supervisor
-        self.store = ParamStore.from_settings(RedisSettings(url=env["REDIS_URL"]))
+        # httpx logs every request at INFO: hundreds of lines a second at demo rates.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        redis_settings = RedisSettings(url=env["REDIS_URL"])
+        self.redis = clients.redis_client(redis_settings)
+        self.index_key = redis_settings.keys().index_current("items")
+        self.store = ParamStore.from_settings(redis_settings)
         self.sink = GatewaySink(f"http://127.0.0.1:{gateway_port}")
+        serving = supervisor.services.get("serving")
+        serving_url = f"http://127.0.0.1:{serving.http_port}" if serving is not None else None
         self.simulation, self.policies = make_simulation(
-            sink=self.sink, seed=seed, rate=rate, store=self.store
+            sink=self.sink,
+            seed=seed,
+            rate=rate,
+            store=self.store,
+            serving_url=serving_url,
+            redis_settings=redis_settings,
         )
+        mode = "serving (closed loop)" if serving_url else "in-process policies (no serving)"
+        print(f"simulator: slates from {mode}", flush=True)
         self.thread = threading.Thread(target=self._run, name="simulator", daemon=True)
         self._last_show = 0.0
         self._last_applied = 0.0
         self._last_requests = 0
 
     def _run(self) -> None:
-        self._wait_for_gateway()
+        try:
+            self._wait_for("gateway", self._gateway_ready)
+            if isinstance(self.policies, ServingSource):
+                self._wait_for("serving", self.policies.ready)
+        except RuntimeError as exc:
+            self.simulation.errors.append(str(exc))
+            raise
         self.simulation.run()
 
-    def _wait_for_gateway(self) -> None:
-        deadline = time.monotonic() + 60
+    def _gateway_ready(self) -> bool:
+        try:
+            return self.sink.client.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    @staticmethod
+    def _wait_for(name: str, ready: Callable[[], bool], timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            try:
-                if self.sink.client.get("/healthz").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if ready():
+                return
             time.sleep(0.5)
-        raise RuntimeError("gateway did not become healthy within 60 s")
+        raise RuntimeError(f"{name} did not become healthy within {timeout:.0f} s")
+
+    def index_version(self) -> int | None:
+        """The index version the Redis pointer names (None before the first publish)."""
+        try:
+            pointer = read_pointer(self.redis, self.index_key)
+        except (redis.RedisError, SnapshotError):
+            return None
+        return None if pointer is None else pointer.version
 
     def start(self) -> None:
         self.thread.start()
@@ -104,7 +144,7 @@ class Demo:
         line = (
             f"[{elapsed:5.0f}s] requests/s {(requests - self._last_requests) / interval:6.0f}"
             f"  consumed/s {(applied - self._last_applied) / interval:7.0f}"
-            f"  lag {totals.get('lag', 0):6.0f}  |"
+            f"  lag {totals.get('lag', 0):6.0f}  index v{self.index_version() or 0}  |"
         )
         self._last_applied, self._last_requests = applied, requests
         for policy, stats in sorted(self.simulation.stats.items()):
@@ -119,6 +159,7 @@ class Demo:
         self.policies.close()
         self.sink.close()
         self.store.close()
+        self.redis.close()
 
     def summary(self) -> dict[str, dict[str, float]]:
         result = dict(self.simulation.summary())
@@ -136,6 +177,12 @@ class Demo:
             f"\n{len(beating)} of {len(learners)} learning policies beat random "
             f"({baseline:.3f}) in the last fifth of the run: {', '.join(beating) or 'none'}"
         )
+        if self.simulation.regret_basis == "catalog":
+            print(
+                "regret/request is against the best slate of the whole live catalog "
+                "(serving chooses its own candidates)"
+            )
+        print(f"index version at the end: v{self.index_version() or 0}")
         if self.simulation.errors:
             print("simulator errors:", "; ".join(self.simulation.errors))
         return result

@@ -1,11 +1,19 @@
 """Drive the running system with simulated users: requests in, impressions and clicks out.
 
-Each simulated request goes to the user's policy (stable hash of the user id),
-which ranks the world's candidates with the latest parameters it can read from
-Redis (a serving-free recommendation consumer), builds a slate with exploration
-and exact propensities, and the world decides the clicks. Impressions and
-clicks are posted to the gateway over HTTP (or produced to Kafka directly),
-with real wall-clock event times, so the joiner and learners see live traffic.
+Each simulated request gets its slate from a :class:`SlateSource`:
+
+* :class:`ServingSource` (the closed loop, the default of ``streamrec up
+  --simulate`` when serving runs): the serving API picks candidates, ranks
+  them with the user's policy and logs the impression itself; the simulator
+  only posts the clicks, carrying the request id serving returned;
+* :class:`LocalPolicies` (the fallback without serving): the user's policy
+  (stable hash of the user id) ranks the world's candidates in-process with the
+  latest parameters it reads from Redis; the simulator posts the impression and
+  the clicks.
+
+The world decides the clicks on whatever items the source chose. Events go to
+the gateway over HTTP (or to Kafka directly) with real wall-clock event times,
+so the joiner and learners see live traffic.
 """
 
 from __future__ import annotations
@@ -14,16 +22,20 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import httpx
 import numpy as np
+import redis
 
-from contracts.events import Click, Impression, SlateItem, encode
+from contracts.events import Click, Impression, encode
+from contracts.keys import KeySpace
 from services.bandits.service import BanditsSettings, build_learner
 from services.paramstore import ParamStore, ParamWatcher
+from services.serving.candidates import CatalogKeys, publish_catalog
 from services.serving.policies import (
     BanditPolicy,
     PolicyRouter,
@@ -32,25 +44,46 @@ from services.serving.policies import (
     RankingPolicy,
     RankRequest,
 )
+from services.serving.recommender import impression_for
 from services.simulator.world import Request, World
 
 log = logging.getLogger(__name__)
 
+#: What a policy's regret is measured against: the best slate of the request's
+#: candidates (local policies rank the world's candidate draw), or of the whole
+#: live catalog (serving chooses its own candidates, so its regret includes
+#: what candidate generation missed).
+RegretBasis = Literal["candidates", "catalog"]
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """The slate chosen for one request."""
+
     policy: str
     slate: RankedSlate
+    #: Set when the source already logged the impression under this request id (serving).
+    request_id: str | None = None
+    #: The candidates the slate was chosen from, when the world offered them.
+    candidates: Sequence[str] | None = None
 
 
 class SlateSource(Protocol):
     """Where slates come from: in-process policies, or the serving API."""
 
-    def decide(self, request: Request, world: World) -> Decision: ...
+    regret_basis: RegretBasis
+
+    def decide_many(self, requests: Sequence[Request], world: World) -> list[Decision]: ...
+
+    def version(self, name: str) -> int: ...
+
+    def close(self) -> None: ...
 
 
 class LocalPolicies:
     """Serving-free recommendation consumer: policies scored in-process with store params."""
+
+    regret_basis: RegretBasis = "candidates"
 
     def __init__(
         self, policies: Mapping[str, RankingPolicy], *, slate_size: int, seed: int = 0
@@ -94,12 +127,104 @@ class LocalPolicies:
             k=self.slate_size,
             ts=request.ts,
         )
-        return Decision(name, self.policies[name].rank(rank_request, self.rng))
+        slate = self.policies[name].rank(rank_request, self.rng)
+        return Decision(name, slate, candidates=request.candidates)
+
+    def decide_many(self, requests: Sequence[Request], world: World) -> list[Decision]:
+        return [self.decide(request, world) for request in requests]
 
     def close(self) -> None:
         for policy in self.policies.values():
             if isinstance(policy, BanditPolicy):
                 policy.close()
+
+
+class ServingSource:
+    """Asks the serving API for every slate (``POST /v1/recommendations`` with the context).
+
+    Serving logs the impression; the decision carries its request id, which the
+    simulator's clicks refer to. Requests of one tick go out concurrently on
+    ``workers`` threads (the world is only touched on the calling thread). A
+    503 (nothing published yet), a 5xx or a connection error is retried with
+    backoff; any other refusal is a bug and raises.
+    """
+
+    regret_basis: RegretBasis = "catalog"
+
+    def __init__(
+        self, client: httpx.Client, *, slate_size: int, workers: int = 4, retries: int = 6
+    ) -> None:
+        self.client = client
+        self.slate_size = slate_size
+        self.retries = retries
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="serving-source")
+        self._versions: dict[str, int] = {}
+
+    @classmethod
+    def from_url(cls, base_url: str, *, slate_size: int, workers: int = 4) -> ServingSource:
+        limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+        client = httpx.Client(base_url=base_url, timeout=10, limits=limits)
+        return cls(client, slate_size=slate_size, workers=workers)
+
+    def version(self, name: str) -> int:
+        """The newest model version serving reported for policy ``name``."""
+        return self._versions.get(name, 0)
+
+    def ready(self) -> bool:
+        """Whether serving answers ``/healthz`` with 200."""
+        try:
+            return self.client.get("/healthz").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def decide_many(self, requests: Sequence[Request], world: World) -> list[Decision]:
+        decisions = list(self._pool.map(self._ask, requests))
+        for decision in decisions:
+            version = decision.slate.model_version
+            if version > self._versions.get(decision.policy, -1):
+                self._versions[decision.policy] = version
+        return decisions
+
+    def _ask(self, request: Request) -> Decision:
+        body = {
+            "user_id": request.user_id,
+            "k": self.slate_size,
+            "context": request.context.tolist(),
+        }
+        for attempt in range(self.retries):
+            try:
+                response = self.client.post("/v1/recommendations", json=body)
+            except httpx.HTTPError as exc:
+                log.warning("serving request failed (%s); retrying", exc)
+            else:
+                if response.status_code == 200:
+                    return self._decision(response.json())
+                if response.status_code < 500:
+                    raise RuntimeError(f"serving refused the request: {response.text[:500]}")
+                log.warning("serving answered %d: %s", response.status_code, response.text[:200])
+            time.sleep(0.1 * 2**attempt)
+        raise RuntimeError(f"serving unavailable after {self.retries} attempts")
+
+    @staticmethod
+    def _decision(answer: dict[str, Any]) -> Decision:
+        items = answer["items"]
+        slate = RankedSlate(
+            items=[item["item_id"] for item in items],
+            propensities=[item["propensity"] for item in items],
+            model_version=int(answer["model_version"]),
+            teams=[item.get("team") for item in items],
+        )
+        return Decision(answer["policy"], slate, request_id=answer["request_id"])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.client.close()
+
+
+def publish_world_catalog(world: World, client: redis.Redis, keys: KeySpace) -> int:
+    """Publish the world's live items and their features as serving's catalog."""
+    items = world.catalog()
+    return publish_catalog(client, CatalogKeys.of(keys), items, world.item_features(items))
 
 
 class EventSink(Protocol):
@@ -159,30 +284,6 @@ class KafkaSink:
         self.producer.close()
 
 
-def slate_impression(
-    request_id: str, user_id: str, ts: float, policy: str, slate: RankedSlate, context: np.ndarray
-) -> Impression:
-    """The Impression that logs a served slate."""
-    features = slate.item_features or [[] for _ in slate.items]
-    teams = slate.teams or [None] * len(slate.items)
-    return Impression(
-        request_id=request_id,
-        user_id=user_id,
-        ts=ts,
-        policy=policy,
-        model_version=slate.model_version,
-        context=slate.context if slate.context is not None else context.tolist(),
-        slate=[
-            SlateItem(
-                item_id=item, position=pos, propensity=min(1.0, prop), team=team, features=feats
-            )
-            for pos, (item, prop, team, feats) in enumerate(
-                zip(slate.items, slate.propensities, teams, features, strict=True)
-            )
-        ],
-    )
-
-
 @dataclass
 class PolicyStats:
     """Realised outcome of one policy: shown items, clicks, expected and optimal clicks."""
@@ -237,30 +338,50 @@ class Simulation:
         self.stopping = threading.Event()
         self.errors: list[str] = []
 
+    @property
+    def regret_basis(self) -> RegretBasis:
+        return self.source.regret_basis
+
     def step(self, now: float) -> tuple[list[Impression], list[Click]]:
         """One request: decide, show, sample clicks. Returns the events to send."""
-        request = self.world.request()
-        decision = self.source.decide(request, self.world)
-        items = decision.items
-        features = self.world.item_features(items)
-        request_id = uuid.uuid4().hex
-        impression = Impression(
-            request_id=request_id,
-            user_id=request.user_id,
-            ts=now,
-            policy=decision.policy,
-            model_version=decision.model_version,
-            context=request.context.tolist(),
-            slate=[
-                SlateItem(
-                    item_id=item,
-                    position=pos,
-                    propensity=min(1.0, prop),
-                    features=features[pos].tolist(),
-                )
-                for pos, (item, prop) in enumerate(zip(items, decision.propensities, strict=True))
-            ],
-        )
+        return self.steps(now, 1)
+
+    def steps(self, now: float, n: int) -> tuple[list[Impression], list[Click]]:
+        """``n`` requests decided together (concurrently, for serving); returns the events.
+
+        The world draws the requests in order; clicks are then sampled in the
+        same order. (In a drifting world, clicks are judged at the step of the
+        batch's last request: one tick is a few requests of a drift measured
+        per thousand.)
+        """
+        requests = [self.world.request() for _ in range(n)]
+        decisions = self.source.decide_many(requests, self.world)
+        impressions: list[Impression] = []
+        clicks: list[Click] = []
+        for request, decision in zip(requests, decisions, strict=True):
+            impression, clicked = self._outcome(request, decision, now)
+            if impression is not None:
+                impressions.append(impression)
+            clicks += clicked
+        return impressions, clicks
+
+    def _outcome(
+        self, request: Request, decision: Decision, now: float
+    ) -> tuple[Impression | None, list[Click]]:
+        items = decision.slate.items
+        impression = None
+        request_id = decision.request_id
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+            impression = impression_for(
+                request_id,
+                request.user_id,
+                now,
+                decision.policy,
+                decision.slate,
+                request.context,
+                self.world.item_features(items),
+            )
         clicked = self.world.sample_clicks(request.user_id, items, np.arange(len(items)))
         clicks = [
             Click(
@@ -278,8 +399,9 @@ class Simulation:
         stats.shown += len(items)
         stats.clicks += len(clicks)
         stats.expected += self.world.slate_value(request.user_id, items)
-        stats.optimal += self.world.best_slate_value(request.user_id, request.candidates)
-        return [impression], clicks
+        basis = decision.candidates if decision.candidates is not None else self.world.catalog()
+        stats.optimal += self.world.best_slate_value(request.user_id, basis)
+        return impression, clicks
 
     def run(self, duration_s: float | None = None) -> None:
         """Send traffic until :meth:`stop` (or ``duration_s``); paced to ``rate``."""
@@ -291,16 +413,11 @@ class Simulation:
                 if duration_s is not None and elapsed >= duration_s:
                     break
                 due = int(elapsed * self.rate) + 1 - sent
-                impressions: list[Impression] = []
-                clicks: list[Click] = []
-                now = time.time()
-                for _ in range(max(0, due)):
-                    imps, cls = self.step(now)
-                    impressions += imps
-                    clicks += cls
-                if impressions:
-                    self.sink.send(impressions, clicks)
-                    sent += len(impressions)
+                if due > 0:
+                    impressions, clicks = self.steps(time.time(), due)
+                    if impressions or clicks:
+                        self.sink.send(impressions, clicks)
+                    sent += due
                 for stats in self.stats.values():
                     stats.timeline.append((elapsed, stats.shown, stats.clicks))
                 time.sleep(self.tick_s)
@@ -313,7 +430,10 @@ class Simulation:
         self.stopping.set()
 
     def summary(self) -> Mapping[str, dict[str, float]]:
-        """Per policy: requests, CTR, CTR in the first and last fifth of the run, regret."""
+        """Per policy: requests, CTR, CTR in the first and last fifth of the run, regret.
+
+        Regret per request is against :attr:`regret_basis` (see :data:`RegretBasis`).
+        """
         end = max((s.timeline[-1][0] for s in self.stats.values() if s.timeline), default=0.0)
         return {
             policy: {

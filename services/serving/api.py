@@ -1,0 +1,412 @@
+"""``streamrec run serving``: the recommendation HTTP API around :class:`Recommender`.
+
+Routes:
+
+- ``GET /v1/recommendations?user_id=…&k=…``: a slate for a user, scored with a
+  context of zeros (``context_dim`` of them: a client that has no request
+  context still gets the policy's context-free ranking, the same one for every
+  such request);
+- ``POST /v1/recommendations`` with ``{"user_id": …, "k": …, "context": [floats]}``
+  for clients that send the request context the bandits score with (``k`` and
+  ``context`` are optional);
+- ``/healthz``: 200 once there is something to recommend from, else 503;
+- ``/metrics``: request latency (``streamrec_serving_request_seconds``),
+  requests by policy and outcome, per-stage time, the index version and age
+  (``streamrec_index_*``) and each policy's parameter version and staleness
+  (``streamrec_params_reader_*``).
+
+Answers: 200 with the slate; 400 with ``{"error", "reasons": [...]}`` for bad
+input (missing or malformed user id, k out of range, wrong context size, bad
+JSON); 503 when nothing is published yet or (``impression_ack``) Kafka did not
+take the impression; 500 with the request's error type otherwise. Every 200 has
+been logged as exactly one impression.
+
+Parameters reach serving through :class:`~services.paramstore.ParamWatcher`,
+which keeps the last good version when Redis is unreachable; the index through
+:class:`~services.index.ReloadableIndex`; popular/fresh/catalog lists through
+:class:`~services.serving.candidates.CandidateFeed`. Context and item feature
+widths are the bandits service's (``STREAMREC_BANDITS_CONTEXT_DIM`` and
+``STREAMREC_BANDITS_ITEM_DIM``), so serving scores exactly what the learners learn.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from contracts.events import MAX_SLATE
+from services.bandits.service import BanditsSettings, build_learner
+from services.common import clients
+from services.common.metrics import serve_metrics
+from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
+from services.drn.service import DRNSettings
+from services.index import ReloadableIndex
+from services.paramstore import ParamStore, ParamWatcher
+from services.sequences import Sequences
+from services.serving.candidates import CandidateFeed, CatalogKeys
+from services.serving.drn_policy import DRNPolicy, drn_builder
+from services.serving.policies import BanditPolicy, PolicyRouter, RandomPolicy, RankingPolicy
+from services.serving.recommender import (
+    BadRequest,
+    ImpressionNotLogged,
+    KafkaImpressionLog,
+    NoCandidates,
+    Recommender,
+    RecommenderConfig,
+)
+
+log = logging.getLogger(__name__)
+
+RANDOM = "random"
+
+
+class ServingSettings(BaseSettings):
+    """Serving settings (``STREAMREC_SERVING_*``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_SERVING_", env_file=".env", extra="ignore"
+    )
+
+    host: str = "127.0.0.1"
+    """``STREAMREC_SERVING_HOST``."""
+    port: int = 8090
+    """``STREAMREC_SERVING_PORT``."""
+    policies: dict[str, float] | None = None
+    """``STREAMREC_SERVING_POLICIES``: JSON traffic shares ``{"policy": share}``, each policy
+    ``random``, one of ``STREAMREC_BANDITS_POLICIES`` or ``STREAMREC_DRN_POLICY``; unset: all
+    of them, equal shares."""
+    epsilon: float = Field(0.05, ge=0, le=1)
+    """``STREAMREC_SERVING_EPSILON``: share of uniformly random slates of the bandit policies."""
+    default_k: int = Field(10, ge=1, le=MAX_SLATE)
+    """``STREAMREC_SERVING_DEFAULT_K``: slate size when the request gives none."""
+    max_k: int = Field(MAX_SLATE, ge=1, le=MAX_SLATE)
+    """``STREAMREC_SERVING_MAX_K``."""
+    retrieval_n: int = Field(50, ge=1)
+    """``STREAMREC_SERVING_RETRIEVAL_N``: faiss neighbours of the user vector."""
+    popular_n: int = Field(20, ge=0)
+    """``STREAMREC_SERVING_POPULAR_N``: popular items added to every pool."""
+    fresh_n: int = Field(10, ge=0)
+    """``STREAMREC_SERVING_FRESH_N``: fresh items added to every pool."""
+    min_candidates: int = Field(30, ge=0)
+    """``STREAMREC_SERVING_MIN_CANDIDATES``: random catalog items fill the pool up to this."""
+    history_n: int = Field(20, ge=1)
+    """``STREAMREC_SERVING_HISTORY_N``: recent clicks pooled into the user vector."""
+    index_name: str = "items"
+    """``STREAMREC_SERVING_INDEX_NAME``: which index pointer to follow."""
+    index_poll_s: float = Field(0.5, gt=0)
+    """``STREAMREC_SERVING_INDEX_POLL_S``."""
+    params_poll_s: float = Field(0.2, gt=0)
+    """``STREAMREC_SERVING_PARAMS_POLL_S``."""
+    lists_refresh_s: float = Field(1.0, gt=0)
+    """``STREAMREC_SERVING_LISTS_REFRESH_S``: popular/fresh/catalog refresh period."""
+    impression_ack: bool = False
+    """``STREAMREC_SERVING_IMPRESSION_ACK``: answer only after Kafka acknowledged the
+    impression (503 otherwise) instead of logging asynchronously."""
+    impression_timeout_s: float = Field(5.0, gt=0)
+    """``STREAMREC_SERVING_IMPRESSION_TIMEOUT_S``: ack wait with ``impression_ack``."""
+    seed: int | None = None
+    """``STREAMREC_SERVING_SEED``: fixes exploration draws (tests); unset in production."""
+
+
+class RecommendationQuery(msgspec.Struct, forbid_unknown_fields=True):
+    """The POST body."""
+
+    user_id: Any
+    k: Any = None
+    context: Any = None
+
+
+def traffic_shares(
+    settings: ServingSettings, bandits: BanditsSettings, drn: DRNSettings
+) -> dict[str, float]:
+    """The configured shares, or random, every bandit policy and DRN with equal shares."""
+    if settings.policies is not None:
+        return dict(settings.policies)
+    return {name: 1.0 for name in (RANDOM, *bandits.policies, drn.policy)}
+
+
+def build_policies(
+    settings: ServingSettings,
+    bandits: BanditsSettings,
+    drn: DRNSettings,
+    store: ParamStore | None,
+    registry: CollectorRegistry,
+) -> dict[str, RankingPolicy]:
+    """One policy per name in the traffic shares: ``random``, a configured bandit or DRN.
+
+    DRN ranks the request's item features with the layout of the DRN service's
+    settings (``STREAMREC_DRN_*``), so both ends agree on the features.
+    """
+    shares = traffic_shares(settings, bandits, drn)
+    known = [RANDOM, *bandits.policies, drn.policy]
+    unknown = [name for name in shares if name not in known]
+    if unknown:
+        raise ValueError(f"serving policies {unknown} are not among {known}")
+    policies: dict[str, RankingPolicy] = {}
+    for name in shares:
+        if name == RANDOM:
+            policies[name] = RandomPolicy()
+        elif name == drn.policy:
+            layout = drn.layout()
+            source = (
+                ParamWatcher(
+                    store,
+                    drn.model,
+                    build=drn_builder(layout),
+                    poll_interval_s=settings.params_poll_s,
+                    registry=registry,
+                )
+                if store is not None
+                else None
+            )
+            policies[name] = DRNPolicy(
+                source,
+                layout,
+                interest_columns=drn.interest_columns,
+                hidden=drn.hidden,
+                seed=drn.seed,
+                name=name,
+            )
+        elif name in bandits.policies:
+            watcher: ParamWatcher[Any] | None = (
+                ParamWatcher(store, name, poll_interval_s=settings.params_poll_s, registry=registry)
+                if store is not None
+                else None
+            )
+            prior = build_learner(bandits.policies[name], bandits)
+            policies[name] = BanditPolicy(name, prior, watcher, epsilon=settings.epsilon)
+    return policies
+
+
+def policy_version(policy: RankingPolicy) -> int:
+    """The model version a policy serves now (0 = its prior, or no model)."""
+    if isinstance(policy, BanditPolicy):
+        return policy.learner()[0]
+    if isinstance(policy, DRNPolicy):
+        return policy.model().explore_version
+    return 0
+
+
+def close_policies(policies: Mapping[str, RankingPolicy]) -> None:
+    for policy in policies.values():
+        close = getattr(policy, "close", None)
+        if close is not None:
+            close()
+
+
+def create_app(
+    recommender: Recommender,
+    settings: ServingSettings | None = None,
+    *,
+    registry: CollectorRegistry | None = None,
+) -> Starlette:
+    """The HTTP app around a recommender (injected, so tests and benchmarks share one)."""
+    settings = settings or ServingSettings()
+    registry = registry if registry is not None else recommender.registry
+    metrics = recommender.metrics
+    decoder = msgspec.json.Decoder(RecommendationQuery)
+
+    def bad_request(reasons: list[str]) -> Response:
+        metrics.requests.labels("-", "bad_request").inc()
+        return JSONResponse({"error": "bad request", "reasons": reasons}, status_code=400)
+
+    def answer(user_id: Any, k: Any, context: Any) -> Response:
+        try:
+            result = recommender.recommend(user_id, k, context)
+        except BadRequest as exc:
+            return JSONResponse({"error": "bad request", "reasons": exc.reasons}, status_code=400)
+        except (NoCandidates, ImpressionNotLogged) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        except Exception as exc:  # noqa: BLE001 - the client gets a 500, the log the trace
+            log.exception("recommendation for %r failed", user_id)
+            metrics.requests.labels(recommender.router.assign(str(user_id)), "error").inc()
+            return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
+        return JSONResponse(result.to_json())
+
+    async def recommendations(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            if request.method == "GET":
+                response = await _from_query(request)
+            else:
+                response = await _from_body(request)
+        finally:
+            metrics.request_seconds.observe(time.perf_counter() - started)
+        return response
+
+    async def _from_query(request: Request) -> Response:
+        params = request.query_params
+        reasons = [
+            f"unknown query parameter {name!r}" for name in params if name not in ("user_id", "k")
+        ]
+        user_id = params.get("user_id")
+        if user_id is None:
+            reasons.append("user_id is required")
+        raw_k = params.get("k")
+        k: Any = settings.default_k
+        if raw_k is not None:
+            try:
+                k = int(raw_k)
+            except ValueError:
+                reasons.append(f"k must be an integer, got {raw_k!r}")
+        if reasons:
+            return bad_request(reasons)
+        return await run_in_threadpool(answer, user_id, k, None)
+
+    async def _from_body(request: Request) -> Response:
+        body = await request.body()
+        try:
+            query = decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            return bad_request([f"body must be a JSON object {{user_id, k, context}}: {exc}"])
+        k = settings.default_k if query.k is None else query.k
+        return await run_in_threadpool(answer, query.user_id, k, query.context)
+
+    async def healthz(request: Request) -> Response:
+        lists = recommender.feed.current()
+        index_version = recommender.index.version if recommender.index is not None else None
+        body = {
+            "index_version": index_version,
+            "catalog_items": len(lists.catalog),
+            "popular_items": len(lists.popular),
+            "policies": {
+                name: policy_version(policy) for name, policy in recommender.policies.items()
+            },
+        }
+        ready = index_version is not None or len(lists.catalog) or lists.popular or lists.fresh
+        if ready:
+            return JSONResponse({"status": "ok"} | body)
+        return JSONResponse({"status": "nothing to recommend from yet"} | body, status_code=503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/v1/recommendations", recommendations, methods=["GET", "POST"]),
+            Route("/healthz", healthz),
+            Route("/metrics", metrics_endpoint),
+        ]
+    )
+
+
+class ServingStack:
+    """A recommender with every background reader it owns, closed together."""
+
+    def __init__(
+        self,
+        settings: ServingSettings | None = None,
+        *,
+        kafka: KafkaSettings | None = None,
+        redis_settings: RedisSettings | None = None,
+        topics: TopicSettings | None = None,
+        bandits: BanditsSettings | None = None,
+        drn: DRNSettings | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        from services.gateway.sdk import EventProducer
+
+        self.settings = settings or ServingSettings()
+        redis_settings = redis_settings or RedisSettings()
+        bandits = bandits or BanditsSettings()
+        drn = drn or DRNSettings()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        keys = redis_settings.keys()
+        self.redis = clients.redis_client(redis_settings)
+        self.store = ParamStore(self.redis, keys=keys, registry=self.registry)
+        self.policies = build_policies(self.settings, bandits, drn, self.store, self.registry)
+        self.producer = EventProducer(kafka or KafkaSettings(), topics or TopicSettings())
+        self.index = ReloadableIndex(
+            self.redis,
+            keys.index_current(self.settings.index_name),
+            poll_interval=self.settings.index_poll_s,
+            registry=self.registry,
+        )
+        self.feed = CandidateFeed(
+            self.redis,
+            CatalogKeys.of(keys),
+            item_dim=bandits.item_dim,
+            popular_n=self.settings.popular_n,
+            fresh_n=self.settings.fresh_n,
+            refresh_s=self.settings.lists_refresh_s,
+            registry=self.registry,
+        )
+        self.recommender = Recommender(
+            policies=self.policies,
+            router=PolicyRouter(traffic_shares(self.settings, bandits, drn)),
+            history=Sequences(self.redis, keys=keys),
+            index=self.index,
+            feed=self.feed,
+            impressions=KafkaImpressionLog(
+                self.producer,
+                wait=self.settings.impression_ack,
+                timeout_s=self.settings.impression_timeout_s,
+                registry=self.registry,
+            ),
+            config=RecommenderConfig(
+                context_dim=bandits.context_dim,
+                item_dim=bandits.item_dim,
+                retrieval_n=self.settings.retrieval_n,
+                history_n=self.settings.history_n,
+                min_candidates=self.settings.min_candidates,
+                max_k=self.settings.max_k,
+            ),
+            registry=self.registry,
+            seed=self.settings.seed,
+        )
+
+    def app(self) -> Starlette:
+        return create_app(self.recommender, self.settings, registry=self.registry)
+
+    def close(self) -> None:
+        """Stop the readers, deliver the impressions still buffered, close connections."""
+        close_policies(self.policies)
+        self.index.close()
+        self.feed.close()
+        self.producer.close()
+        self.redis.close()
+
+
+def main() -> int:
+    """Run the serving API with uvicorn until SIGTERM."""
+    import uvicorn
+
+    from services.common import logs
+
+    logs.configure("serving")
+    stack = ServingStack()
+    # Also on the runtime's metrics port, where `streamrec status` and the demo look.
+    runtime = RuntimeSettings()
+    server = None
+    if runtime.metrics_port:
+        server, _ = serve_metrics(stack.registry, runtime.metrics_port, runtime.metrics_host)
+    try:
+        uvicorn.run(
+            stack.app(),
+            host=stack.settings.host,
+            port=stack.settings.port,
+            log_config=None,
+            access_log=False,
+        )
+    finally:
+        stack.close()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,172 @@
+"""The embeddings service against the real broker and Redis: clicks in, answering snapshots out."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+from kafka import KafkaProducer
+from prometheus_client import CollectorRegistry
+
+from contracts.events import Click, encode
+from contracts.keys import KeySpace
+from services.common.runtime import ConsumerRuntime
+from services.common.settings import KafkaSettings, RedisSettings, TopicSettings
+from services.embeddings.service import EmbeddingsSettings, ItemStats, build_runtime
+from services.index import ReloadableIndex, read_pointer
+from services.serving.candidates import CatalogKeys
+from services.simulator import World, WorldConfig
+
+pytestmark = pytest.mark.integration
+torch.set_num_threads(1)
+
+TS = 1.7e9
+WORLD = WorldConfig(n_users=200, n_items=120, n_topics=6, topic_spread=0.4)
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def produce_sessions(bootstrap: str, topic: str, world: World, users: int, start: int) -> set[str]:
+    """Each user's session of 12 clicks, in time order; returns the items clicked."""
+    rng = np.random.default_rng(start)
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+    items: set[str] = set()
+    for n in range(users):
+        user = f"u{(start + n) % WORLD.n_users}"
+        for position, item in enumerate(world.sample_session(user, 12, rng=rng)):
+            click = Click(
+                event_id=f"e{start}-{n}-{position}",
+                user_id=user,
+                item_id=item,
+                ts=TS + start + n + position / 100,
+            )
+            producer.send(topic, key=user.encode(), value=encode(click))
+            items.add(item)
+    producer.flush()
+    producer.close()
+    return items
+
+
+class Running:
+    """An embeddings runtime on a thread, stopped (and its last snapshot published) on exit."""
+
+    def __init__(self, runtime: ConsumerRuntime) -> None:
+        self.runtime = runtime
+        self.thread = threading.Thread(target=runtime.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.runtime.stop()
+        self.thread.join(60)
+        self.runtime.processor.close()  # type: ignore[attr-defined]
+
+
+def test_publishes_snapshots_whose_index_answers_and_resumes_after_restart(
+    kafka_bootstrap: str,
+    redis_url: str,
+    redis_client: redis.Redis,
+    keyspace: KeySpace,
+    topic_factory: Callable[..., str],
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    topics = TopicSettings(clicks=topic_factory("clicks", partitions=2))
+    world = World(WORLD, seed=3)
+    clicked = produce_sessions(kafka_bootstrap, topics.clicks, world, users=150, start=0)
+    settings = EmbeddingsSettings(
+        group=unique_name("embeddings"),
+        snapshot_dir=tmp_path / "snapshots",
+        publish_interval_s=0.5,
+        dim=16,
+        window=4,
+        lr=0.05,
+    )
+
+    def start() -> Running:
+        return Running(
+            build_runtime(
+                CollectorRegistry(),
+                settings,
+                kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
+                redis_settings=RedisSettings(url=redis_url, namespace=keyspace.namespace),
+                topics=topics,
+            )
+        )
+
+    key = keyspace.index_current("items")
+    catalog = CatalogKeys.of(keyspace)
+    running = start()
+    try:
+        processor = running.runtime.processor
+        wait_until(lambda: len(processor.stats.first_seen) == len(clicked), 60, "every click")
+        wait_until(lambda: read_pointer(redis_client, key) is not None, 60, "a first snapshot")
+    finally:
+        running.stop()
+
+    # The graceful stop checkpointed and published the last snapshot: it holds every item.
+    first = read_pointer(redis_client, key)
+    assert first is not None
+    with ReloadableIndex(redis_client, key, poll_interval=0.1) as index:
+        assert index.wait_for_version(first.version, timeout=30)
+        snapshot = index.current
+        assert set(snapshot.item_ids) == clicked
+        assert snapshot.manifest.dimension == settings.dim and snapshot.manifest.kind == "flat"
+        # The index answers: each item's own (normalised) vector finds itself first.
+        probe = list(snapshot.item_ids[:20])
+        vectors, known = snapshot.vectors(probe)
+        assert known.all()
+        ids, scores = index.search(vectors, 5)
+        assert [row[0] for row in ids] == probe
+        np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-4)
+
+    # Popular and fresh lists for serving's cold starts, best first.
+    popular = redis_client.zrevrange(catalog.popular(), 0, -1, withscores=True)
+    fresh = redis_client.zrevrange(catalog.fresh(), 0, -1)
+    assert 0 < len(popular) <= settings.popular_n and 0 < len(fresh) <= settings.fresh_n
+    assert {item.decode() for item, _ in popular} <= clicked
+    assert {item.decode() for item in fresh} <= clicked
+
+    learned = processor.model.state()["counts"].sum()
+
+    # Restart: the model comes back from the checkpoint, and new clicks publish a newer version.
+    later = produce_sessions(kafka_bootstrap, topics.clicks, world, users=40, start=1000)
+    running = start()
+    try:
+        restarted = running.runtime.processor
+        wait_until(lambda: restarted.stats.latest >= TS + 1000, 60, "the new clicks")
+        # Restored, not relearned: the first run's counts and first-click times are there.
+        assert restarted.model.state()["counts"].sum() > learned
+        assert min(restarted.stats.first_seen.values()) < TS + 1000
+    finally:
+        running.stop()
+    second = read_pointer(redis_client, key)
+    assert second is not None and second.version > first.version
+    with ReloadableIndex(redis_client, key, poll_interval=0.1) as index:
+        assert index.wait_for_version(second.version, timeout=30)
+        assert set(index.current.item_ids) == clicked | later
+
+
+def test_item_stats_decay_rebase_and_round_trip() -> None:
+    stats = ItemStats(half_life_s=1.0)
+    stats.add("old", 0.0)
+    # 600 half-lives later the weights would overflow without a rebase.
+    stats.add("new", 600.0)
+    stats.add("new", 600.0)
+    top = stats.popular(5)
+    assert list(top) == ["new", "old"]
+    assert top["new"] == pytest.approx(2.0) and top["old"] == pytest.approx(2.0**-600)
+    assert stats.fresh(5, window_s=10.0) == {"new": 600.0}
+    clone = ItemStats.from_state(stats.state(), half_life_s=1.0)
+    assert clone.popular(5) == top and clone.first_seen == stats.first_seen
