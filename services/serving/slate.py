@@ -3,8 +3,10 @@
 With probability ``epsilon`` a slate is a uniformly random ``k`` of the ``n``
 candidates; otherwise it is the policy's top ``k`` (random tie-breaking). The
 propensity logged for a shown item is its exact marginal probability of being
-in the slate: ``(1 - epsilon) * [item in top k] + epsilon * k / n``. Offline
-IPS/replay estimators divide by it.
+in the slate: ``(1 - epsilon) * P(in top k) + epsilon * k / n``, where
+``P(in top k)`` is 1 above the k-th best score, 0 below it, and for the ``t``
+candidates tied at the k-th score, the ``s`` top-k places left for them
+divided by ``t``. Offline IPS/replay estimators divide by it.
 
 >>> import numpy as np
 >>> slate = build_slate(np.array([0.1, 0.9, 0.5, 0.2]), k=2, epsilon=0.0,
@@ -31,6 +33,18 @@ class Slate:
     explored: bool
 
 
+def greedy_inclusion(scores: np.ndarray, k: int) -> np.ndarray:
+    """Probability of each candidate being in the top ``k`` under random tie-breaking.
+
+    >>> greedy_inclusion(np.array([3.0, 1.0, 1.0, 1.0, 0.0]), k=2).tolist()
+    [1.0, 0.3333333333333333, 0.3333333333333333, 0.3333333333333333, 0.0]
+    """
+    threshold = np.partition(scores, len(scores) - k)[len(scores) - k]
+    above = scores > threshold
+    tied = scores == threshold
+    return np.where(above, 1.0, np.where(tied, (k - above.sum()) / tied.sum(), 0.0))
+
+
 def build_slate(scores: np.ndarray, k: int, epsilon: float, rng: np.random.Generator) -> Slate:
     """Pick ``k`` of ``len(scores)`` candidates, epsilon-uniform over the policy's top k."""
     if not 0.0 <= epsilon <= 1.0:
@@ -42,6 +56,5 @@ def build_slate(scores: np.ndarray, k: int, epsilon: float, rng: np.random.Gener
     greedy = top_k(scores, k, rng)
     explored = bool(rng.random() < epsilon)
     indices = rng.choice(n, size=k, replace=False) if explored else greedy
-    in_top = np.isin(indices, greedy)
-    propensities = (1.0 - epsilon) * in_top + epsilon * k / n
+    propensities = (1.0 - epsilon) * greedy_inclusion(scores, k)[indices] + epsilon * k / n
     return Slate(indices=indices, propensities=propensities, explored=explored)

@@ -83,11 +83,6 @@ def test_random_policy_logs_k_over_n() -> None:
     np.testing.assert_allclose(frequency, k / n, atol=5 * np.sqrt(0.21 / 5_000))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build_slate logs (1 - eps) + eps*k/n for items that won a random tie-break; "
-    "their true marginal is lower (all-equal scores: k/n). Known issue in slate.py.",
-)
 def test_tied_scores_log_their_marginal_probability() -> None:
     n, k, epsilon = 6, 2, 0.1
     scores = np.zeros(n)
