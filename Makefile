@@ -24,7 +24,7 @@ install: $(STAMP) ## create .venv with streamrec and its dev/embedded extras
 
 demo: $(STAMP) ## run the whole system on the embedded stack for a minute and show it learning
 	STREAMREC_JOINER_WINDOW_S=5 STREAMREC_JOINER_LATENESS_S=2 \
-	STREAMREC_EMBEDDINGS_PUBLISH_INTERVAL_S=5 \
+	STREAMREC_EMBEDDINGS_PUBLISH_INTERVAL_S=5 STREAMREC_DRN_MAJOR_INTERVAL_S=5 \
 	$(PY) -m services.cli up --run-dir .streamrec/demo --simulate --duration 60 --rate 200
 
 test: $(STAMP) ## the whole suite: unit, doctests and integration tests on real Kafka/Redis

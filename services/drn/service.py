@@ -64,6 +64,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -844,6 +845,8 @@ def build_runtime(
 
 
 def main() -> int:
+    # Small networks: one thread avoids oversubscribing the cores other services use.
+    torch.set_num_threads(1)
     return run_consumer_service("drn", build_runtime)
 
 
