@@ -56,6 +56,23 @@ class KeySpace:
     def user_features(self, user_id: str) -> str:
         return f"{self.namespace}:ufeat:{{{user_id}}}"
 
+    # The catalog serving draws candidates from; one slot for all of it.
+    def catalog_popular(self) -> str:
+        """Sorted set: item -> decayed click count (written by the embeddings service)."""
+        return f"{self.namespace}:catalog:{{items}}:popular"
+
+    def catalog_fresh(self) -> str:
+        """Sorted set: item -> time it was first clicked (written by the embeddings service)."""
+        return f"{self.namespace}:catalog:{{items}}:fresh"
+
+    def catalog_features(self) -> str:
+        """Hash: item -> feature vector as little-endian float32 bytes."""
+        return f"{self.namespace}:catalog:{{items}}:features"
+
+    def catalog_version(self) -> str:
+        """Counter incremented by every catalog write."""
+        return f"{self.namespace}:catalog:{{items}}:features:version"
+
     # Reloadable faiss index pointer.
     def index_current(self, name: str) -> str:
         return f"{self.namespace}:index:{{{name}}}:current"

@@ -79,7 +79,7 @@ from services.common import (
 from services.common.process import run_consumer_service
 from services.embeddings.item2vec import Item2Vec
 from services.index import IndexSpec, SnapshotStore, build_index, publish, read_pointer
-from services.serving.candidates import CatalogKeys, write_ranked
+from services.serving.candidates import write_ranked
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ class SnapshotPublisher:
     ) -> None:
         self.redis = client
         self.pointer_key = keys.index_current(index_name)
-        self.catalog = CatalogKeys.of(keys)
+        self.catalog = keys
         self.store = store
         self.spec = spec
         self.metrics = metrics
@@ -346,8 +346,8 @@ class SnapshotPublisher:
             publish(self.redis, self.pointer_key, manifest)
             self.published = version
             self.metrics.version.set(version)
-        write_ranked(self.redis, self.catalog.popular(), job.popular)
-        write_ranked(self.redis, self.catalog.fresh(), job.fresh)
+        write_ranked(self.redis, self.catalog.catalog_popular(), job.popular)
+        write_ranked(self.redis, self.catalog.catalog_fresh(), job.fresh)
         elapsed = time.perf_counter() - started
         self.metrics.publish_seconds.observe(elapsed)
         log.info(

@@ -18,7 +18,6 @@ from __future__ import annotations
 from services.serving.candidates import (
     CandidateFeed,
     CandidateLists,
-    CatalogKeys,
     ItemCatalog,
     publish_catalog,
     write_ranked,
@@ -48,7 +47,6 @@ __all__ = [
     "BanditPolicy",
     "CandidateFeed",
     "CandidateLists",
-    "CatalogKeys",
     "ImpressionNotLogged",
     "ItemCatalog",
     "KafkaImpressionLog",

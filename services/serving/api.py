@@ -55,7 +55,7 @@ from services.drn.service import DRNSettings
 from services.index import ReloadableIndex
 from services.paramstore import ParamStore, ParamWatcher
 from services.sequences import Sequences
-from services.serving.candidates import CandidateFeed, CatalogKeys
+from services.serving.candidates import CandidateFeed
 from services.serving.drn_policy import DRNPolicy, drn_builder
 from services.serving.policies import BanditPolicy, PolicyRouter, RandomPolicy, RankingPolicy
 from services.serving.recommender import (
@@ -336,7 +336,7 @@ class ServingStack:
         )
         self.feed = CandidateFeed(
             self.redis,
-            CatalogKeys.of(keys),
+            keys,
             item_dim=bandits.item_dim,
             popular_n=self.settings.popular_n,
             fresh_n=self.settings.fresh_n,

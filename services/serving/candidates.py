@@ -4,9 +4,9 @@ Serving's candidates for one request are the faiss neighbours of the user's
 vector plus the lists kept here, which also carry cold users (no history, no
 known item vector) so that a new user gets popular and fresh items, not an error.
 
-Redis layout (every key is built by :class:`CatalogKeys`, from the namespace of
-:class:`~contracts.keys.KeySpace`; all share the hash tag ``{items}`` so each
-write below is one MULTI/EXEC in one Redis Cluster slot):
+Redis layout (keys from :class:`~contracts.keys.KeySpace` ``catalog_*``; all share
+the hash tag ``{items}`` so each write below is one MULTI/EXEC in one Redis
+Cluster slot):
 
 - ``popular``: sorted set, item → decayed click count; replaced whole by the
   embeddings service at every publish (:func:`write_ranked`);
@@ -26,8 +26,6 @@ serving (``streamrec_serving_candidate_feed_stale`` is 1).
 >>> features, known = catalog.features(["i2", "nope"])
 >>> features.tolist(), known.tolist()
 ([[0.0, 1.0], [0.0, 0.0]], [True, False])
->>> CatalogKeys("sr").popular()
-'sr:catalog:{items}:popular'
 """
 
 from __future__ import annotations
@@ -48,29 +46,6 @@ from contracts.keys import KeySpace
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class CatalogKeys:
-    """The Redis keys of the candidate lists and the catalog (see the module doc)."""
-
-    namespace: str = "streamrec"
-
-    @classmethod
-    def of(cls, keys: KeySpace) -> CatalogKeys:
-        return cls(keys.namespace)
-
-    def popular(self) -> str:
-        return f"{self.namespace}:catalog:{{items}}:popular"
-
-    def fresh(self) -> str:
-        return f"{self.namespace}:catalog:{{items}}:fresh"
-
-    def item_features(self) -> str:
-        return f"{self.namespace}:catalog:{{items}}:features"
-
-    def catalog_version(self) -> str:
-        return f"{self.namespace}:catalog:{{items}}:features:version"
-
-
 def write_ranked(client: redis.Redis, key: str, scores: Mapping[str, float]) -> None:
     """Replace the sorted set ``key`` by ``scores`` in one transaction (readers see old or new)."""
     pipe = client.pipeline(transaction=True)
@@ -81,7 +56,7 @@ def write_ranked(client: redis.Redis, key: str, scores: Mapping[str, float]) -> 
 
 
 def publish_catalog(
-    client: redis.Redis, keys: CatalogKeys, item_ids: Sequence[str], features: np.ndarray
+    client: redis.Redis, keys: KeySpace, item_ids: Sequence[str], features: np.ndarray
 ) -> int:
     """Replace the catalog by ``item_ids`` with their feature rows; returns the catalog version."""
     matrix = np.asarray(features, dtype="<f4")
@@ -90,10 +65,10 @@ def publish_catalog(
     if not np.isfinite(matrix).all():
         raise ValueError("features contain NaN or infinity")
     pipe = client.pipeline(transaction=True)
-    pipe.delete(keys.item_features())
+    pipe.delete(keys.catalog_features())
     if len(item_ids):
         pipe.hset(
-            keys.item_features(),
+            keys.catalog_features(),
             mapping={item: row.tobytes() for item, row in zip(item_ids, matrix, strict=True)},
         )
     pipe.incr(keys.catalog_version())
@@ -187,7 +162,7 @@ class CandidateFeed:
     def __init__(
         self,
         client: redis.Redis,
-        keys: CatalogKeys,
+        keys: KeySpace,
         *,
         item_dim: int,
         popular_n: int = 20,
@@ -239,8 +214,8 @@ class CandidateFeed:
         """Read the lists once; True if they were read (the catalog reloads only on change)."""
         try:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.zrevrange(self.keys.popular(), 0, self.popular_n - 1)
-            pipe.zrevrange(self.keys.fresh(), 0, self.fresh_n - 1)
+            pipe.zrevrange(self.keys.catalog_popular(), 0, self.popular_n - 1)
+            pipe.zrevrange(self.keys.catalog_fresh(), 0, self.fresh_n - 1)
             pipe.get(self.keys.catalog_version())
             popular, fresh, version = pipe.execute()
             version = int(version or 0)
@@ -273,7 +248,7 @@ class CandidateFeed:
         return True
 
     def _load_catalog(self) -> ItemCatalog:
-        raw = cast(dict[bytes, bytes], self._redis.hgetall(self.keys.item_features()))
+        raw = cast(dict[bytes, bytes], self._redis.hgetall(self.keys.catalog_features()))
         ids = [item.decode() for item in raw]
         matrix = np.zeros((len(ids), self.item_dim))
         for row, blob in enumerate(raw.values()):

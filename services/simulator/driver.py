@@ -35,7 +35,7 @@ from contracts.events import Click, Impression, encode
 from contracts.keys import KeySpace
 from services.bandits.service import BanditsSettings, build_learner
 from services.paramstore import ParamStore, ParamWatcher
-from services.serving.candidates import CatalogKeys, publish_catalog
+from services.serving.candidates import publish_catalog
 from services.serving.policies import (
     BanditPolicy,
     PolicyRouter,
@@ -224,7 +224,7 @@ class ServingSource:
 def publish_world_catalog(world: World, client: redis.Redis, keys: KeySpace) -> int:
     """Publish the world's live items and their features as serving's catalog."""
     items = world.catalog()
-    return publish_catalog(client, CatalogKeys.of(keys), items, world.item_features(items))
+    return publish_catalog(client, keys, items, world.item_features(items))
 
 
 class EventSink(Protocol):

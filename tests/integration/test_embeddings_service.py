@@ -20,7 +20,6 @@ from services.common.runtime import ConsumerRuntime
 from services.common.settings import KafkaSettings, RedisSettings, TopicSettings
 from services.embeddings.service import EmbeddingsSettings, ItemStats, build_runtime
 from services.index import ReloadableIndex, read_pointer
-from services.serving.candidates import CatalogKeys
 from services.simulator import World, WorldConfig
 
 pytestmark = pytest.mark.integration
@@ -106,7 +105,7 @@ def test_publishes_snapshots_whose_index_answers_and_resumes_after_restart(
         )
 
     key = keyspace.index_current("items")
-    catalog = CatalogKeys.of(keyspace)
+    catalog = keyspace
     running = start()
     try:
         processor = running.runtime.processor
@@ -132,8 +131,8 @@ def test_publishes_snapshots_whose_index_answers_and_resumes_after_restart(
         np.testing.assert_allclose(scores[:, 0], 1.0, rtol=1e-4)
 
     # Popular and fresh lists for serving's cold starts, best first.
-    popular = redis_client.zrevrange(catalog.popular(), 0, -1, withscores=True)
-    fresh = redis_client.zrevrange(catalog.fresh(), 0, -1)
+    popular = redis_client.zrevrange(catalog.catalog_popular(), 0, -1, withscores=True)
+    fresh = redis_client.zrevrange(catalog.catalog_fresh(), 0, -1)
     assert 0 < len(popular) <= settings.popular_n and 0 < len(fresh) <= settings.fresh_n
     assert {item.decode() for item, _ in popular} <= clicked
     assert {item.decode() for item in fresh} <= clicked

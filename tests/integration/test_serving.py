@@ -37,7 +37,7 @@ from services.joiner.service import JoinerSettings, JoinProcessor
 from services.paramstore import ParamStore
 from services.sequences import SequenceStore
 from services.serving.api import ServingSettings, ServingStack
-from services.serving.candidates import CatalogKeys, publish_catalog, write_ranked
+from services.serving.candidates import publish_catalog, write_ranked
 from services.simulator.command import DEMO_WORLD
 from services.simulator.driver import KafkaSink, ServingSource, Simulation, publish_world_catalog
 from services.simulator.world import World
@@ -135,7 +135,7 @@ def test_each_response_logs_exactly_one_impression_with_its_propensities(
     topics: TopicSettings,
 ) -> None:
     ids, features = catalog_features()
-    publish_catalog(redis_client, CatalogKeys.of(keyspace), ids, features)
+    publish_catalog(redis_client, keyspace, ids, features)
     with serving(kafka_bootstrap, redis_url, keyspace, topics, min_candidates=20) as (client, _):
         answers = []
         for n in range(24):
@@ -186,9 +186,9 @@ def test_unknown_user_is_a_cold_start_and_a_known_user_gets_index_neighbours(
     tmp_path: Path,
 ) -> None:
     ids, features = catalog_features()
-    catalog = CatalogKeys.of(keyspace)
+    catalog = keyspace
     publish_catalog(redis_client, catalog, ids, features)
-    write_ranked(redis_client, catalog.popular(), {"i1": 5.0, "i2": 3.0})
+    write_ranked(redis_client, catalog.catalog_popular(), {"i1": 5.0, "i2": 3.0})
     vectors = np.random.default_rng(1).standard_normal((N_ITEMS, 8)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     store = SnapshotStore(tmp_path)
@@ -251,7 +251,7 @@ def test_parameter_store_unreachable_serves_last_good_params(
     try:
         client = redis.Redis.from_url(server.url)
         ids, features = catalog_features()
-        publish_catalog(client, CatalogKeys.of(keyspace), ids, features)
+        publish_catalog(client, keyspace, ids, features)
         learner = build_learner(BANDITS.policies["linucb"], BANDITS)
         rng = np.random.default_rng(2)
         context = rng.standard_normal((200, BANDITS.context_dim))
@@ -317,7 +317,7 @@ def test_bad_input_gets_400_with_reasons(
     reason: str,
 ) -> None:
     ids, features = catalog_features()
-    publish_catalog(redis_client, CatalogKeys.of(keyspace), ids, features)
+    publish_catalog(redis_client, keyspace, ids, features)
     with serving(kafka_bootstrap, redis_url, keyspace, topics) as (client, _):
         response = client.request(method, "/v1/recommendations", **request_kwargs)
         assert response.status_code == 400
