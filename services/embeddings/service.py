@@ -330,7 +330,7 @@ class SnapshotPublisher:
                     return
             try:
                 self.publish(job)
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged; the background loop must outlive any one failure
                 self.metrics.publish_failures.inc()
                 log.exception("snapshot publish failed; the next checkpoint retries")
 

@@ -258,7 +258,7 @@ class ReloadableIndex:
         while not self._stop.is_set():
             try:
                 self.refresh()
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged; the background loop must outlive any one failure
                 log.exception("index poller for %s failed; retrying", self.pointer_key)
             self._stop.wait(self.poll_interval)
 

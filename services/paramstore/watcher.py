@@ -205,7 +205,7 @@ class ParamWatcher(Generic[T]):
         while not self._stop.is_set():
             try:
                 self.refresh()
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged; the background loop must outlive any one failure
                 log.exception("param watcher for %s failed; retrying", self.model)
             self._stop.wait(self.poll_interval_s)
 

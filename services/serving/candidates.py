@@ -280,5 +280,5 @@ class CandidateFeed:
         while not self._stop.wait(self.refresh_s):
             try:
                 self.refresh()
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged; the background loop must outlive any one failure
                 log.exception("candidate feed refresh crashed; retrying")
