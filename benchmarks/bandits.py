@@ -23,10 +23,8 @@ click probability for that event minus the chosen arm's.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +39,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from host import describe_host  # noqa: E402
 
 from services.bandits import LEARNERS, make_learner, top_k  # noqa: E402
 
@@ -504,26 +504,6 @@ SECTIONS: list[
 ]
 
 
-def machine() -> dict[str, Any]:
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "river": version("river"),
-        "mabwiser": version("mabwiser"),
-        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-        "load_average_1m": round(os.getloadavg()[0], 2),
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small event counts (smoke run)")
@@ -540,7 +520,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"== {name} ==", file=sys.stderr)
         result = run(args)
-        result["machine"] = machine()
+        result["machine"] = describe_host(
+            "river", "mabwiser", openblas_num_threads=os.environ.get("OPENBLAS_NUM_THREADS")
+        )
         result["quick"] = args.quick
         result["generated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         results[name] = result

@@ -30,10 +30,8 @@ without DBGD exploration (α = 0) on the nonlinear world, and writes
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -53,6 +51,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from host import describe_host  # noqa: E402
 
 from contracts.events import decode_feedback, encode  # noqa: E402
 from contracts.keys import KeySpace  # noqa: E402
@@ -418,25 +418,6 @@ SECTIONS: list[
 ]
 
 
-def machine() -> dict[str, Any]:
-    def version(package: str) -> str | None:
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": version("torch"),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
-    }
-
-
 def run_comparison(args: argparse.Namespace) -> None:
     seeds = list(range(args.seeds))
     started = time.monotonic()
@@ -464,7 +445,7 @@ def run_comparison(args: argparse.Namespace) -> None:
         ],
     }
     report["seconds"] = time.monotonic() - started
-    report["machine"] = machine()
+    report["machine"] = describe_host("torch", torch_threads=torch.get_num_threads())
     report["generated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "drn_vs_linucb.json"
@@ -496,7 +477,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"== {name} ==", file=sys.stderr)
         result = run(args)
-        result["machine"] = machine()
+        result["machine"] = describe_host("torch", torch_threads=torch.get_num_threads())
         result["quick"] = args.quick
         result["generated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         results[name] = result
