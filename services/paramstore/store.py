@@ -181,6 +181,12 @@ class ParamMetrics:
             ["model"],
             registry=registry,
         )
+        self.publish_timestamp = Gauge(
+            "streamrec_params_publish_timestamp_seconds",
+            "Unix time of the last version this process published (age = time() - this).",
+            ["model"],
+            registry=registry,
+        )
         self.reader_version = Gauge(
             "streamrec_params_reader_version",
             "Version this reader is serving.",
@@ -341,6 +347,7 @@ class ParamStore:
         self._metrics.publish_seconds.labels(model).observe(time.perf_counter() - started)
         self._metrics.publish_bytes.labels(model).set(size)
         self._metrics.version.labels(model).set(version)
+        self._metrics.publish_timestamp.labels(model).set_to_current_time()
         log.debug("published %s v%d (%s, %d bytes)", model, version, ", ".join(parts), size)
         return version
 

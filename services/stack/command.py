@@ -4,7 +4,8 @@
 ``--kafka``/``--redis``), creates the topics, starts every service as its own
 supervised process, optionally drives it with the simulator while showing live
 progress, and on Ctrl-C/SIGTERM stops everything. Its state (pids, ports, URLs)
-is in ``RUN_DIR/stack.json`` for ``status`` and ``down``.
+is in ``RUN_DIR/stack.json`` for ``status`` and ``down``; a Prometheus config
+that scrapes every process is in ``RUN_DIR/prometheus/``.
 """
 
 from __future__ import annotations
@@ -78,6 +79,40 @@ def _write_state(run_dir: Path, state: dict) -> None:
     tmp = run_dir / "stack.json.tmp"
     tmp.write_text(json.dumps(state, indent=2))
     os.replace(tmp, run_dir / "stack.json")
+
+
+def write_prometheus_config(run_dir: Path, services: dict[str, dict]) -> Path:
+    """Write ``RUN_DIR/prometheus/``: file_sd ``targets.json`` and a ``prometheus.yml``.
+
+    ``services`` is ``stack.json``'s: HTTP services are scraped on their HTTP port
+    (``/metrics`` there), consumers on their metrics port. Each target carries a
+    ``component`` label (not ``service``, which the runtime's series already carry).
+    ``prometheus --config.file RUN_DIR/prometheus/prometheus.yml`` then scrapes the
+    whole embedded stack from any working directory (the paths in it are absolute).
+    """
+    directory = run_dir.resolve() / "prometheus"
+    directory.mkdir(parents=True, exist_ok=True)
+    targets = [
+        {
+            "targets": [f"127.0.0.1:{info['http_port'] or info['metrics_port']}"],
+            "labels": {"component": name},
+        }
+        for name, info in services.items()
+    ]
+    (directory / "targets.json").write_text(json.dumps(targets, indent=2))
+    config = {
+        "global": {"scrape_interval": "2s", "evaluation_interval": "2s"},
+        "scrape_configs": [
+            {
+                "job_name": "streamrec",
+                "file_sd_configs": [{"files": [str(directory / "targets.json")]}],
+            }
+        ],
+    }
+    # JSON is YAML, so Prometheus reads this as it is.
+    path = directory / "prometheus.yml"
+    path.write_text(json.dumps(config, indent=2))
+    return path
 
 
 def _read_state(run_dir: Path) -> dict | None:
@@ -164,28 +199,28 @@ def up(args: argparse.Namespace) -> int:
             else:
                 supervisor.add(name)
 
-        def write_state() -> None:
-            _write_state(
-                run_dir,
-                {
-                    "pid": os.getpid(),
-                    "kafka": bootstrap,
-                    "redis": redis_url,
-                    "servers": {p.name: p.pid for p in servers},
-                    "services": {
-                        name: {
-                            "pid": s.process.pid,
-                            "metrics_port": s.metrics_port,
-                            "http_port": s.http_port,
-                            "log": str(s.process.log_path),
-                            "restarts": s.restarts,
-                        }
-                        for name, s in supervisor.services.items()
-                    },
+        def write_state() -> dict:
+            state = {
+                "pid": os.getpid(),
+                "kafka": bootstrap,
+                "redis": redis_url,
+                "servers": {p.name: p.pid for p in servers},
+                "services": {
+                    name: {
+                        "pid": s.process.pid,
+                        "metrics_port": s.metrics_port,
+                        "http_port": s.http_port,
+                        "log": str(s.process.log_path),
+                        "restarts": s.restarts,
+                    }
+                    for name, s in supervisor.services.items()
                 },
-            )
+            }
+            _write_state(run_dir, state)
+            return state
 
-        write_state()
+        # Ports survive restarts (each service keeps its env), so the targets are written once.
+        write_prometheus_config(run_dir, write_state()["services"])
         print(
             f"streamrec up: kafka {bootstrap}, redis {redis_url}, "
             f"services {', '.join(supervisor.services)}; logs in {run_dir / 'logs'}"
