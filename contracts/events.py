@@ -142,7 +142,8 @@ def _decode(cls: type[E], raw: bytes) -> E:
         return cast(E, _decoders[cls].decode(raw))
     except msgspec.ValidationError as exc:
         raise EventError(f"invalid: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
         raise EventError(f"malformed: {exc}") from None
 
 

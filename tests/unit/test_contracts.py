@@ -154,3 +154,8 @@ def test_click_and_slate_item_are_plain_structs():
     item = SlateItem(item_id="i", position=0, propensity=1.0, team="explore")
     imp = Impression(request_id="r", user_id="u", ts=TS, policy="drn", slate=[item])
     assert decode_impression(encode(imp)).slate[0].team == "explore"
+
+
+def test_invalid_utf8_inside_a_string_is_malformed_not_a_crash():
+    raw = b'{"event_id": "\xff\xfe", "user_id": "u", "item_id": "i", "ts": 1.7e9}'
+    assert reason(decode_click, raw).startswith("malformed")
