@@ -163,6 +163,9 @@ class _Rebalance(ConsumerRebalanceListener):
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.runtime._on_assigned(assigned)
 
+    def on_partitions_lost(self, lost: list[TopicPartition]) -> None:
+        self.runtime._on_lost(lost)
+
 
 def _reason_category(reason: str) -> str:
     return reason.split(":", 1)[0].strip().replace(" ", "_")[:32] or "unknown"
@@ -433,6 +436,10 @@ class ConsumerRuntime:
             return
         if not self._failed:
             self.checkpoint(force=True, partitions=numbers)
+        self._drop(numbers)
+        log.info("revoked partitions %s", numbers)
+
+    def _drop(self, numbers: Sequence[int]) -> None:
         for number in numbers:
             self.processor.revoke(number)
             del self._owned[number]
@@ -440,7 +447,17 @@ class ConsumerRuntime:
         for tp in [tp for tp in self._positions if tp.partition in numbers]:
             del self._positions[tp]
         self.metrics.assigned.labels(self.service).set(len(self._owned))
-        log.info("revoked partitions %s", numbers)
+
+    def _on_lost(self, lost: list[TopicPartition]) -> None:
+        """Evicted from the group (e.g. frozen past the session timeout): another
+        process may already own these partitions, so their in-memory state is
+        dropped without a checkpoint or a publish; the new owner restores from
+        the last checkpoint, which is consistent."""
+        numbers = sorted({tp.partition for tp in lost} & set(self._owned))
+        self.metrics.rebalances.labels(self.service, "lost").inc()
+        self._drop(numbers)
+        if numbers:
+            log.warning("lost partitions %s (evicted from the group); state dropped", numbers)
 
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         assert self._consumer is not None
