@@ -233,7 +233,8 @@ def test_joiner_sigkill_mid_stream_is_exactly_once_through_the_bandits(
 ):
     impressions, clicks = _slates(20_000, seed=3)
     store = ParamStore(redis_client, keys=keyspace)
-    env = _env(kafka_bootstrap, redis_url, keyspace, unique_name("loop"), **topics) | {
+    group = unique_name("loop")
+    env = _env(kafka_bootstrap, redis_url, keyspace, group, **topics) | {
         "STREAMREC_JOINER_WINDOW_S": "2",
         "STREAMREC_JOINER_LATENESS_S": "3",
         # Markers (wall clock - lateness) only close the tail once the stream has
@@ -264,7 +265,13 @@ def test_joiner_sigkill_mid_stream_is_exactly_once_through_the_bandits(
     joiner = ServiceProcess("joiner", env, tmp_path / "joiner.log").start()
     bandits = ServiceProcess("bandits", env, tmp_path / "bandits.log").start()
     try:
-        wait_for(lambda: _applied(store) > 0, 90, "feedback flowing before the kill")
+        checkpoints = [keyspace.checkpoint(group + "-joiner", p) for p in range(4)]
+        wait_for(
+            lambda: _applied(store) > 0
+            and all(redis_client.hexists(key, "state") for key in checkpoints),
+            90,
+            "feedback flowing and every joiner partition checkpointed before the kill",
+        )
         joiner.kill()
         applied_at_kill = _applied(store)
         joiner.start()
