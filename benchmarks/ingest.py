@@ -195,6 +195,7 @@ def gateway(bootstrap: str, topic: str, seconds: float, batch: int, clients: int
         "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
         "STREAMREC_TOPIC_CLICKS": topic,
         "STREAMREC_GATEWAY_PORT": str(port),
+        "STREAMREC_GATEWAY_TOKEN": "bench-token",
     }
     server = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "run", "gateway"],
@@ -217,7 +218,8 @@ def gateway(bootstrap: str, topic: str, seconds: float, batch: int, clients: int
         request_ms: list[float] = []
 
         def post(slot: int) -> None:
-            with httpx.Client(base_url=base, timeout=30) as client:
+            auth = {"Authorization": "Bearer bench-token"}
+            with httpx.Client(base_url=base, headers=auth, timeout=30) as client:
                 end = time.monotonic() + seconds
                 while time.monotonic() < end:
                     started = time.perf_counter()

@@ -26,6 +26,10 @@ class KeySpace:
     def checkpoint(self, group: str, partition: int) -> str:
         return f"{self.namespace}:ckpt:{{{group}}}:{partition}"
 
+    def checkpoint_epochs(self, group: str) -> str:
+        # Outside checkpoint_pattern: deleting checkpoints (a rebuild) keeps epochs rising.
+        return f"{self.namespace}:epochs:{{{group}}}"
+
     def checkpoint_pattern(self, group: str) -> str:
         return f"{self.namespace}:ckpt:{{{group}}}:*"
 
@@ -42,6 +46,9 @@ class KeySpace:
 
     def params_blob(self, model: str, part: str, blob_id: str) -> str:
         return f"{self.namespace}:params:{{{model}}}:blob:{part}:{blob_id}"
+
+    def params_fence(self, model: str) -> str:
+        return f"{self.namespace}:params:{{{model}}}:fence"
 
     def params_channel(self, model: str) -> str:
         return f"{self.namespace}:params:{{{model}}}:updates"

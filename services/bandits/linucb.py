@@ -78,15 +78,18 @@ class DisjointRidge(BanditLearner):
         assert x is not None
         arrays = self._table.arrays
         proj = arrays["proj"][slot]
-        a_inv = proj[:, : self.dim]
-        v = a_inv @ x
-        # Sherman–Morrison: (A + x xᵀ)⁻¹ = A⁻¹ − (A⁻¹x)(A⁻¹x)ᵀ / (1 + xᵀA⁻¹x).
-        a_inv -= v[:, None] * (v / (1.0 + x @ v))
-        arrays["gram"][slot] += x[:, None] * x
-        b = arrays["b"][slot]
-        b += reward * x
+        d = self.dim
+        # One product gives v = A⁻¹x (A⁻¹ is symmetric) and the prediction xᵀθ.
+        u = x @ proj
+        v = u[:d]
+        # Sherman–Morrison, (A + x xᵀ)⁻¹ = A⁻¹ − v vᵀ / (1 + xᵀv), and the matching
+        # recursive least-squares step θ ← θ − v (xᵀθ − r) / (1 + xᵀv): one rank-one update.
+        u[d] -= reward
+        proj -= np.outer(v, u / (1.0 + x @ v))
+        arrays["gram"][slot] += np.outer(x, x)
+        if reward:
+            arrays["b"][slot] += reward * x
         arrays["counts"][slot] += 1
-        proj[:, self.dim] = a_inv @ b
 
     def _refresh(self, slots: np.ndarray) -> None:
         """Recompute ``[A⁻¹ | θ]`` of the given slots from their statistics."""

@@ -40,7 +40,7 @@ from services.common import (
     clients,
 )
 from services.common.process import run_consumer_service
-from services.paramstore import ParamStore
+from services.paramstore import ParamStore, StalePublish
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,15 @@ class BanditsProcessor(Processor):
                     offsets={t: {partition: o} for t, o in checkpoint.offsets.items()},
                     meta={"learner": learner.name, "partition": partition, "policy": policy},
                 )
-            self.store.publish(policy, parts)
+            try:
+                self.store.publish(
+                    policy,
+                    parts,
+                    fence={f"p{p}": c.epoch for p, c in checkpoints.items()},
+                    owner=self.settings.group,
+                )
+            except StalePublish:
+                return  # every part is owned elsewhere now; the store counted and logged it
 
 
 def build_runtime(

@@ -81,7 +81,7 @@ class ConsumerMetrics:
         )
         self.rebalances = Counter(
             "streamrec_consumer_rebalances_total",
-            "Partition assignments and revocations.",
+            "Partition assignments, revocations, losses (eviction) and fenced checkpoints.",
             ["service", "kind"],
             registry=registry,
         )

@@ -41,7 +41,7 @@ from prometheus_client import CollectorRegistry
 
 from contracts.events import EventError
 from services.common import clients
-from services.common.checkpoint import Checkpoint, CheckpointStore
+from services.common.checkpoint import Checkpoint, CheckpointStore, Fenced
 from services.common.metrics import ConsumerMetrics
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
 
@@ -152,6 +152,16 @@ class Processor(ABC):
     def after_checkpoint(self, checkpoints: Mapping[int, Checkpoint]) -> None:  # noqa: B027
         """Called after these partitions' checkpoints were written (e.g. to publish)."""
 
+    def checkpointable(self, partition: int, offsets: Mapping[str, int]) -> bool:
+        """Whether ``partition``'s state may be checkpointed at these offsets.
+
+        A processor that seeks back on restore to rebuild state (the joiner)
+        returns False until it has re-read past the restored checkpoint: a
+        checkpoint in between would record offsets below the state it restored.
+        The stored checkpoint is then kept as it is.
+        """
+        return True
+
 
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, runtime: ConsumerRuntime) -> None:
@@ -220,9 +230,7 @@ class ConsumerRuntime:
 
     def run(self) -> None:
         """Consume until :meth:`stop`; always checkpoints and closes on the way out."""
-        self._consumer = clients.consumer(self.kafka, self.group)
-        self._consumer.subscribe(list(self.inputs), listener=_Rebalance(self))
-        log.info("%s consuming %s as group %s", self.service, list(self.inputs), self.group)
+        self.open()
         try:
             while not self.stopping.is_set():
                 self.poll_once()
@@ -232,7 +240,14 @@ class ConsumerRuntime:
             log.exception("%s failed; exiting without checkpointing the failed batch", self.service)
             raise
         finally:
-            self._shutdown()
+            self.close()
+
+    def open(self) -> None:
+        """Join the consumer group (what :meth:`run` starts with; a caller that
+        drives :meth:`poll_once` itself calls this, then :meth:`close`)."""
+        self._consumer = clients.consumer(self.kafka, self.group)
+        self._consumer.subscribe(list(self.inputs), listener=_Rebalance(self))
+        log.info("%s consuming %s as group %s", self.service, list(self.inputs), self.group)
 
     def poll_once(self) -> int:
         """One iteration of the loop; returns the number of records polled."""
@@ -258,7 +273,8 @@ class ConsumerRuntime:
             self._last_lag = now
         return count
 
-    def _shutdown(self) -> None:
+    def close(self) -> None:
+        """Checkpoint what is owned (unless a batch failed), leave the group, disconnect."""
         try:
             if self._owned and not self._failed:
                 self.checkpoint(force=True)
@@ -394,6 +410,9 @@ class ConsumerRuntime:
             return True
         if not force and not self.processor.checkpoint_all_owned:
             targets = [p for p in targets if p in self._dirty]
+        targets = [p for p in targets if self.processor.checkpointable(p, self._owned[p].offsets)]
+        if not targets:
+            return True
         started = time.perf_counter()
         if self._producer_client is not None:
             # Emitted and dead-lettered records must be durable before the offsets
@@ -403,6 +422,9 @@ class ConsumerRuntime:
             self._owned[partition].state = self.processor.snapshot(partition)
         try:
             self.store.save({p: self._owned[p] for p in targets})
+        except Fenced as exc:
+            self._fenced(exc.partitions)
+            return False
         except redis.RedisError as exc:
             self.metrics.checkpoint_failures.labels(self.service).inc()
             log.error("checkpoint failed (will retry): %s", exc)
@@ -441,8 +463,8 @@ class ConsumerRuntime:
 
     def _drop(self, numbers: Sequence[int]) -> None:
         for number in numbers:
-            self.processor.revoke(number)
-            del self._owned[number]
+            if self._owned.pop(number, None) is not None:
+                self.processor.revoke(number)
             self._dirty.discard(number)
         for tp in [tp for tp in self._positions if tp.partition in numbers]:
             del self._positions[tp]
@@ -459,15 +481,28 @@ class ConsumerRuntime:
         if numbers:
             log.warning("lost partitions %s (evicted from the group); state dropped", numbers)
 
+    def _fenced(self, numbers: list[int]) -> None:
+        """Another process claimed these partitions (this one was frozen or evicted
+        and has not heard yet): drop them like lost ones and stop fetching them
+        until the group hands them out again."""
+        self.metrics.rebalances.labels(self.service, "fenced").inc()
+        log.warning("partitions %s were claimed by another process; state dropped", numbers)
+        self._drop(numbers)
+        if self._consumer is not None:
+            self._consumer.pause(
+                *(tp for tp in self._consumer.assignment() if tp.partition in numbers)
+            )
+
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         assert self._consumer is not None
         self.metrics.rebalances.labels(self.service, "assigned").inc()
         numbers = sorted({tp.partition for tp in assigned} - set(self._owned))
-        found = self.store.load(numbers)
+        found, epochs = self.store.claim(numbers)
         for number in numbers:
             ckpt = found.get(number)
             seek = self.processor.restore(number, ckpt)
             self._owned[number] = ckpt if ckpt is not None else Checkpoint()
+            self._owned[number].epoch = epochs[number]
             start = dict(seek) if seek is not None else dict(self._owned[number].offsets)
             for tp in (tp for tp in assigned if tp.partition == number):
                 if tp.topic in start:
@@ -475,6 +510,7 @@ class ConsumerRuntime:
                     self._positions[tp] = start[tp.topic]
                 else:
                     self._consumer.seek_to_beginning(tp)
+        self._consumer.resume(*assigned)  # partitions paused when fenced are owned again
         self.metrics.assigned.labels(self.service).set(len(self._owned))
         log.info("assigned partitions %s (restored %s)", numbers, sorted(found))
 

@@ -89,7 +89,7 @@ from services.common.process import run_consumer_service
 from services.drn.features import FeatureLayout
 from services.drn.interleaving import EXPLOIT, EXPLORE, Winner, credit
 from services.drn.learner import DRNLearner
-from services.paramstore import ParamStore
+from services.paramstore import ParamStore, StalePublish
 from services.serving.drn_policy import published_arrays, published_meta
 
 log = logging.getLogger(__name__)
@@ -816,7 +816,15 @@ class DRNProcessor(Processor):
             offsets=offsets,
             meta=published_meta(learner.explore_version, self.layout) | {"applied": self.applied},
         )
-        self.published_version = self.store.publish(self.settings.model, {"main": blob})
+        # The model spans every owned partition; a process that took any of them
+        # over claimed a higher epoch, so the highest one fences the whole model.
+        fence = {"main": max((c.epoch for c in checkpoints.values()), default=0)}
+        try:
+            self.published_version = self.store.publish(
+                self.settings.model, {"main": blob}, fence=fence, owner=self.settings.group
+            )
+        except StalePublish:
+            return  # a newer owner publishes this model now; the store counted and logged it
         self._published_explore = learner.explore_version
         self.metrics.published.set(self.published_version)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.gateway.app import GatewaySettings, create_app
+from services.gateway.app import GatewaySettings, check_auth, create_app
 from services.gateway.sdk import EventProducer
 
-__all__ = ["EventProducer", "GatewaySettings", "create_app"]
+__all__ = ["EventProducer", "GatewaySettings", "check_auth", "create_app"]

@@ -58,7 +58,10 @@ class GatewaySettings(BaseSettings):
     port: int = 8080
     """``STREAMREC_GATEWAY_PORT``."""
     token: SecretStr | None = None
-    """``STREAMREC_GATEWAY_TOKEN``: if set, requests need ``Authorization: Bearer <token>``."""
+    """``STREAMREC_GATEWAY_TOKEN``: requests need ``Authorization: Bearer <token>``."""
+    allow_anonymous: bool = False
+    """``STREAMREC_GATEWAY_ALLOW_ANONYMOUS``: accept requests without a token. Off by
+    default: without a token the gateway refuses to start unless this is set."""
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """``STREAMREC_GATEWAY_MAX_BODY_BYTES``: larger bodies get 413."""
     max_batch: int = Field(5_000, ge=1)
@@ -94,6 +97,19 @@ class _Metrics:
         )
 
 
+def check_auth(settings: GatewaySettings) -> None:
+    """Raise ``ValueError`` unless the settings name a token or explicitly allow anonymity."""
+    if settings.token is None:
+        if not settings.allow_anonymous:
+            raise ValueError(
+                "the gateway needs STREAMREC_GATEWAY_TOKEN (clients then send "
+                "'Authorization: Bearer <token>'); set STREAMREC_GATEWAY_ALLOW_ANONYMOUS=true "
+                "to accept unauthenticated events on a trusted network"
+            )
+    elif not settings.token.get_secret_value().strip():
+        raise ValueError("STREAMREC_GATEWAY_TOKEN is empty")
+
+
 def create_app(
     producer: EventProducer,
     settings: GatewaySettings | None = None,
@@ -103,6 +119,7 @@ def create_app(
 ) -> Starlette:
     """Build the gateway app around a producer (injected so tests and services share one)."""
     settings = settings or GatewaySettings()
+    check_auth(settings)
     registry = registry or CollectorRegistry()
     metrics = _Metrics(registry)
     decoders = {"clicks": decode_click, "impressions": decode_impression}
@@ -233,8 +250,15 @@ def serve(settings: GatewaySettings | None = None) -> int:
 
     logs.configure("gateway")
     settings = settings or GatewaySettings()
+    try:
+        check_auth(settings)
+    except ValueError as exc:
+        log.error("gateway not started: %s", exc)
+        return 2
     producer = EventProducer(KafkaSettings(), TopicSettings())
     app = create_app(producer, settings)
+    if settings.token is None:
+        log.warning("gateway accepts unauthenticated requests (STREAMREC_GATEWAY_ALLOW_ANONYMOUS)")
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
     finally:

@@ -2,10 +2,12 @@
 
 Checkpoints stay small: per partition only the two streams' event-time
 progress and the earliest offsets still needed. On restore the joiner seeks
-back to those offsets and re-reads the log to rebuild its open impressions; records below the
-checkpointed offsets are re-applied silently (their feedback was emitted before
-the checkpoint). Feedback emitted after the last checkpoint may be emitted again
-after a crash; it carries the same sequence numbers, so consumers drop it.
+back to those offsets and re-reads the log to rebuild its open impressions;
+records below the checkpointed offsets are re-applied silently (their feedback
+was emitted before the checkpoint). Until the re-read has passed them, the
+partition is not checkpointed again: the stored checkpoint is what describes its
+state. Feedback emitted after the last checkpoint may be emitted again after a
+crash; it carries the same sequence numbers, so consumers drop it.
 
 Idle streams: when a partition with open impressions gets no impressions or no
 clicks for ``idle_close_s``, the joiner appends a watermark marker (event time =
@@ -112,6 +114,8 @@ class JoinProcessor(Processor):
         self._last_input: dict[tuple[int, str], float] = {}
         self._last_control: dict[int, float] = {}
         self._reported: dict[str, int] = {}
+        #: partition -> the restored checkpoint's offsets, while re-reading up to them.
+        self._rebuilding: dict[int, dict[str, int]] = {}
 
     def apply(self, records: list[Record], ctx: Context) -> list[Rejection]:
         now = time.monotonic()
@@ -196,6 +200,7 @@ class JoinProcessor(Processor):
     def restore(self, partition: int, checkpoint: Checkpoint | None) -> Mapping[str, int] | None:
         join = PartitionJoin(window_s=self.settings.window_s, lateness_s=self.settings.lateness_s)
         self.joins[partition] = join
+        self._rebuilding.pop(partition, None)
         for topic in (self.topics.impressions, self.topics.clicks):
             self._last_input[(partition, topic)] = time.monotonic()
         if checkpoint is None or not checkpoint.state:
@@ -210,6 +215,7 @@ class JoinProcessor(Processor):
         for topic, offset in state.replay_from.items():
             seek[topic] = min(offset, seek.get(topic, offset))
         if seek != checkpoint.offsets:
+            self._rebuilding[partition] = dict(checkpoint.offsets)
             log.info(
                 "partition %d: re-reading from %s to rebuild open impressions (was at %s)",
                 partition,
@@ -218,7 +224,19 @@ class JoinProcessor(Processor):
             )
         return seek
 
+    def checkpointable(self, partition: int, offsets: Mapping[str, int]) -> bool:
+        # The restored state says what was emitted below the restored offsets; a
+        # checkpoint taken while re-reading below them would lose that.
+        target = self._rebuilding.get(partition)
+        if target is None:
+            return True
+        if all(offsets.get(topic, 0) >= offset for topic, offset in target.items()):
+            del self._rebuilding[partition]
+            return True
+        return False
+
     def revoke(self, partition: int) -> None:
+        self._rebuilding.pop(partition, None)
         self.joins.pop(partition, None)
         for topic in (self.topics.impressions, self.topics.clicks):
             self._last_input.pop((partition, topic), None)

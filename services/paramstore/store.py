@@ -13,14 +13,20 @@ touches one Redis Cluster slot; see :class:`contracts.keys.KeySpace`):
 - ``parts``: hash, part name → key of that part's newest blob.
 - ``manifest:{version}``: hash, the ``parts`` hash as it was when ``version`` was published.
 - ``current``: the newest version number (also the counter new versions come from).
+- ``fence``: hash, part name → the highest fencing token a publish of it carried
+  and its owner (``"<token> <owner>"``).
 
 ``publish`` is one Lua script: write the new blobs, repoint their parts, give each
 replaced blob a TTL (readers that walk the keys one command at a time, and older
 manifests, can still fetch it for ``blob_ttl_s``), INCR ``current``, copy ``parts``
 into the new manifest, delete manifests older than ``keep_versions`` and PUBLISH
-the version on the model's channel. ``latest_parts`` is one Lua script too, so a
-reader gets ``current``, its manifest and every blob in one round trip and never
-sees half a version. Every blob carries a sha256 that is checked on read.
+the version on the model's channel. A part published with a fencing token (the
+publisher's ownership epoch of the partition the part holds) is skipped if the
+same owner (consumer group) published it with a higher token: a process that
+froze while publishing and wakes after a new owner of its partition took over
+cannot put an older state back. ``latest_parts`` is
+one Lua script too, so a reader gets ``current``, its manifest and every blob in
+one round trip and never sees half a version. Every blob carries a sha256 that is checked on read.
 
 Use a Redis eviction policy that does not evict these keys (``noeviction`` or a
 ``volatile-*`` policy): a current blob has no TTL and must not disappear.
@@ -58,22 +64,43 @@ Combiner = Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]]
 # Model and part names become parts of Redis keys; braces would break the hash tag.
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
-# KEYS: current, parts, then one fresh blob key per part.
-# ARGV: manifest key prefix, blob TTL (ms), versions to keep, channel, then
-#       (part name, blob) pairs in the order of the blob keys.
+# KEYS: current, parts, fence, then one fresh blob key per part.
+# ARGV: manifest key prefix, blob TTL (ms), versions to keep, channel, fence owner,
+#       then (part name, blob, fencing token or "") triples in the order of the blob
+#       keys. A token is only compared with one of the same owner.
+# Returns {version, stale part names...}; version is 0 if every part was stale.
 # Manifest keys are built from the new version inside the script; they share the
 # model's hash tag, so on Redis Cluster they live in the slot of the declared keys.
 _PUBLISH = """
-local current, parts = KEYS[1], KEYS[2]
+local current, parts, fence = KEYS[1], KEYS[2], KEYS[3]
 local prefix, ttl, keep, channel = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-for i = 3, #KEYS do
-  local part = ARGV[3 + 2 * (i - 2)]
-  redis.call('SET', KEYS[i], ARGV[4 + 2 * (i - 2)])
-  local previous = redis.call('HGET', parts, part)
-  if previous then
-    redis.call('PEXPIRE', previous, ttl)
+local owner = ARGV[5]
+local stale, fresh = {}, 0
+for i = 4, #KEYS do
+  local a = 6 + 3 * (i - 4)
+  local part, blob, token = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local seen, by = nil, nil
+  local fenced = redis.call('HGET', fence, part)
+  if fenced then
+    seen, by = string.match(fenced, '^(%d+) (.*)$')
   end
-  redis.call('HSET', parts, part, KEYS[i])
+  if token ~= '' and by == owner and tonumber(seen) > tonumber(token) then
+    stale[#stale + 1] = part
+  else
+    if token ~= '' then
+      redis.call('HSET', fence, part, token .. ' ' .. owner)
+    end
+    redis.call('SET', KEYS[i], blob)
+    local previous = redis.call('HGET', parts, part)
+    if previous then
+      redis.call('PEXPIRE', previous, ttl)
+    end
+    redis.call('HSET', parts, part, KEYS[i])
+    fresh = fresh + 1
+  end
+end
+if fresh == 0 then
+  return {0, unpack(stale)}
 end
 local version = redis.call('INCR', current)
 local manifest = prefix .. version
@@ -86,7 +113,7 @@ while old >= 1 and redis.call('DEL', prefix .. old) == 1 do
   old = old - 1
 end
 redis.call('PUBLISH', channel, version)
-return version
+return {version, unpack(stale)}
 """
 
 # The digest of a manifest: sha1 of its blob keys, sorted. Blob keys are unique, so
@@ -154,6 +181,15 @@ class ModelNotFound(LookupError):
         self.model = model
 
 
+class StalePublish(RuntimeError):
+    """Every part of a publish carried a fencing token lower than one already seen."""
+
+    def __init__(self, model: str, parts: list[str]) -> None:
+        super().__init__(f"model {model!r}: parts {parts} are owned by a newer publisher")
+        self.model = model
+        self.parts = parts
+
+
 class ParamMetrics:
     """Publisher and reader series of the parameter store, one set per registry.
 
@@ -184,6 +220,12 @@ class ParamMetrics:
         self.publish_timestamp = Gauge(
             "streamrec_params_publish_timestamp_seconds",
             "Unix time of the last version this process published (age = time() - this).",
+            ["model"],
+            registry=registry,
+        )
+        self.fenced = Counter(
+            "streamrec_params_fenced_parts",
+            "Parts not published because a newer owner had published them (fencing).",
             ["model"],
             registry=registry,
         )
@@ -304,24 +346,45 @@ class ParamStore:
 
     # -- writing -----------------------------------------------------------------
 
-    def publish(self, model: str, parts: Mapping[str, bytes]) -> int:
+    def publish(
+        self,
+        model: str,
+        parts: Mapping[str, bytes],
+        *,
+        fence: Mapping[str, int] | None = None,
+        owner: str = "",
+    ) -> int:
         """Publish new blobs for some parts of ``model`` as one new version; returns it.
 
         Parts not named here keep their earlier blobs, which is how processes that
         each own some partitions build one model together. Each blob must decode
         (checksum included) and name ``model``; a bad one raises
         :class:`~contracts.params.ParamError` and nothing is published.
+
+        ``fence`` maps part names to fencing tokens (the publisher's ownership
+        epoch of the part, see :meth:`CheckpointStore.claim
+        <services.common.checkpoint.CheckpointStore.claim>`), issued by ``owner``
+        (its consumer group): a part whose token is lower than the highest one
+        the same owner published for it is skipped and counted; if every part is
+        skipped, :class:`StalePublish` is raised and no version is made. Another
+        owner's publish (e.g. a rebuild under a new group) replaces the fence.
         """
         started = time.perf_counter()
         _check_name("model", model)
         if not parts:
             raise ValueError(f"publish of model {model!r} needs at least one part")
-        keys = [self.keys.params_current(model), self.keys.params_parts(model)]
+        fence = fence or {}
+        keys = [
+            self.keys.params_current(model),
+            self.keys.params_parts(model),
+            self.keys.params_fence(model),
+        ]
         args: list[str | bytes | int] = [
             self._manifest_prefix(model),
             max(1, round(self.blob_ttl_s * 1000)),
             self.keep_versions,
             self.keys.params_channel(model),
+            owner,
         ]
         size = 0
         for part, blob in parts.items():
@@ -336,9 +399,17 @@ class ParamStore:
                     f"part {part!r} was encoded for model {decoded.model!r}, not {model!r}"
                 )
             keys.append(self.keys.params_blob(model, part, uuid.uuid4().hex))
-            args += [part, blob]
+            token = fence.get(part)
+            args += [part, blob, "" if token is None else int(token)]
             size += len(blob)
-        version = int(self._publish(keys=keys, args=args))
+        version, *stale = self._publish(keys=keys, args=args)
+        version = int(version)
+        if stale:
+            names = [name.decode() for name in stale]
+            self._metrics.fenced.labels(model).inc(len(names))
+            log.warning("%s: parts %s not published: a newer owner published them", model, names)
+            if not version:
+                raise StalePublish(model, names)
         if version == 1 or model not in self._registered:
             # models() has no hash tag (it spans models), so it stays out of the script;
             # version 1 also means a Redis that lost its data, models() included.

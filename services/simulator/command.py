@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 
@@ -31,7 +32,11 @@ DEMO_WORLD = WorldConfig(n_users=2000, n_items=100, n_candidates=30, slate_size=
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gateway", help="gateway base URL (default: produce to Kafka)")
-    parser.add_argument("--token", help="gateway bearer token")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("STREAMREC_GATEWAY_TOKEN"),
+        help="gateway bearer token (default: $STREAMREC_GATEWAY_TOKEN)",
+    )
     parser.add_argument(
         "--serving",
         help="serving API base URL: ask it for every slate (it logs the impressions); "

@@ -64,6 +64,7 @@ class Demo:
         seed: int,
         rate: float,
         gateway_port: int | None,
+        gateway_token: str | None = None,
     ) -> None:
         if gateway_port is None:
             raise ValueError("the demo drives the stack through the gateway; start it too")
@@ -74,7 +75,7 @@ class Demo:
         self.redis = clients.redis_client(redis_settings)
         self.index_key = redis_settings.keys().index_current("items")
         self.store = ParamStore.from_settings(redis_settings)
-        self.sink = GatewaySink(f"http://127.0.0.1:{gateway_port}")
+        self.sink = GatewaySink(f"http://127.0.0.1:{gateway_port}", gateway_token)
         serving = supervisor.services.get("serving")
         serving_url = f"http://127.0.0.1:{serving.http_port}" if serving is not None else None
         self.simulation, self.policies = make_simulation(

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -73,6 +74,22 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
         "--rate", type=float, default=300.0, help="with --simulate: requests per second"
     )
     parser.add_argument("--seed", type=int, default=7, help="simulator seed")
+
+
+TOKEN_FILE = "gateway-token"  # noqa: S105 - a file name
+
+
+def gateway_token(run_dir: Path) -> str:
+    """The gateway's bearer token: ``STREAMREC_GATEWAY_TOKEN`` if set, else one
+    generated for this run directory and kept in ``RUN_DIR/gateway-token`` (mode 0600)."""
+    if token := os.environ.get("STREAMREC_GATEWAY_TOKEN"):
+        return token
+    path = run_dir / TOKEN_FILE
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
 
 
 def _write_state(run_dir: Path, state: dict) -> None:
@@ -193,7 +210,11 @@ def up(args: argparse.Namespace) -> int:
             if name not in installed:
                 continue
             if name == "gateway":
-                supervisor.add(name, {"STREAMREC_GATEWAY_PORT": str(gateway_port)}, gateway_port)
+                gateway_env = {
+                    "STREAMREC_GATEWAY_PORT": str(gateway_port),
+                    "STREAMREC_GATEWAY_TOKEN": gateway_token(run_dir),
+                }
+                supervisor.add(name, gateway_env, gateway_port)
             elif name == "serving":
                 supervisor.add(name, {"STREAMREC_SERVING_PORT": str(serving_port)}, serving_port)
             else:
@@ -226,7 +247,10 @@ def up(args: argparse.Namespace) -> int:
             f"services {', '.join(supervisor.services)}; logs in {run_dir / 'logs'}"
         )
         if "gateway" in supervisor.services:
-            print(f"gateway: http://127.0.0.1:{gateway_port}/v1/clicks")
+            print(
+                f"gateway: http://127.0.0.1:{gateway_port}/v1/clicks "
+                f"(bearer token in {run_dir / TOKEN_FILE})"
+            )
 
         demo = None
         if args.simulate:
@@ -238,6 +262,7 @@ def up(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 rate=args.rate,
                 gateway_port=gateway_port if "gateway" in supervisor.services else None,
+                gateway_token=gateway_token(run_dir),
             )
             demo.start()
         deadline = time.monotonic() + args.duration if args.duration else None

@@ -13,12 +13,33 @@ import time
 
 import numpy as np
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
+from prometheus_client import CollectorRegistry
 
-from contracts.events import Click, Feedback, Impression, SlateItem, encode, feedback_id
+from contracts.events import (
+    Click,
+    Feedback,
+    Impression,
+    SlateItem,
+    decode_click,
+    decode_feedback,
+    decode_impression,
+    encode,
+    feedback_id,
+)
 from contracts.ids import item_labels
 from services.bandits import LinUCB
+from services.common import (
+    CheckpointStore,
+    ConsumerRuntime,
+    KafkaSettings,
+    RedisSettings,
+    RuntimeSettings,
+    TopicSettings,
+)
+from services.common.runtime import SEQ_HEADER, SOURCE_HEADER
 from services.joiner.join import PartitionJoin
+from services.joiner.service import JoinerSettings, JoinProcessor
 from services.paramstore import ModelNotFound, ParamStore
 from services.stack.servers import ensure_topics
 from tests.integration.processes import ServiceProcess, wait_for
@@ -267,8 +288,10 @@ def test_joiner_sigkill_mid_stream_is_exactly_once_through_the_bandits(
     try:
         checkpoints = [keyspace.checkpoint(group + "-joiner", p) for p in range(4)]
         wait_for(
-            lambda: _applied(store) > 0
-            and all(redis_client.hexists(key, "state") for key in checkpoints),
+            lambda: (
+                _applied(store) > 0
+                and all(redis_client.hexists(key, "state") for key in checkpoints)
+            ),
             90,
             "feedback flowing and every joiner partition checkpointed before the kill",
         )
@@ -290,3 +313,109 @@ def test_joiner_sigkill_mid_stream_is_exactly_once_through_the_bandits(
         joiner.stop()
         bandits.stop()
     assert "re-reading from" in (tmp_path / "joiner.log").read_text()
+
+
+def test_a_joiner_that_crashes_while_re_reading_still_emits_each_feedback_once(
+    kafka_bootstrap, redis_url, redis_client, keyspace, topic_factory, unique_name
+):
+    """Crash, restart, checkpoint in the middle of the re-read, crash again, finish.
+
+    The checkpoint asked for mid-re-read must leave the restored one in place
+    (it alone says what was emitted below its offsets); the feedback topic,
+    de-duplicated by source sequence number as consumers do, must then equal
+    an uninterrupted join.
+    """
+    # 40k impressions span about 11 s of event time: windows (5 s with lateness) close mid-stream.
+    impressions, clicks = _slates(40_000, seed=4)
+    topics = TopicSettings(
+        impressions=topic_factory("impressions"),
+        clicks=topic_factory("clicks"),
+        feedback=topic_factory("feedback"),
+        dead_letter=topic_factory("dlq"),
+    )
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
+    for _, kind, event in sorted(
+        [(e.ts, 0, e) for e in impressions] + [(e.ts, 1, e) for e in clicks],
+        key=lambda entry: (entry[0], entry[1]),
+    ):
+        producer.send(topics.impressions if kind == 0 else topics.clicks, value=encode(event))
+    producer.flush()
+    producer.close()
+    settings = JoinerSettings(group=unique_name("joiner"), window_s=2, lateness_s=3, idle_close_s=1)
+    store = CheckpointStore(redis_client, keyspace, settings.group)
+
+    def joiner() -> ConsumerRuntime:
+        runtime = ConsumerRuntime(
+            service="joiner",
+            group=settings.group,
+            inputs={topics.impressions: decode_impression, topics.clicks: decode_click},
+            processor=JoinProcessor(settings, topics, CollectorRegistry()),
+            kafka=KafkaSettings(
+                bootstrap_servers=kafka_bootstrap,
+                max_poll_interval_ms=3000,
+                session_timeout_ms=3000,
+                max_partition_fetch_bytes=16 * 1024,
+            ),
+            redis_settings=RedisSettings(url=redis_url, namespace=keyspace.namespace),
+            topics=topics,
+            settings=RuntimeSettings(checkpoint_interval_s=3600, max_batch=200),
+            registry=CollectorRegistry(),
+        )
+        runtime.open()
+        return runtime
+
+    def crash(runtime: ConsumerRuntime) -> None:
+        runtime._failed = True  # what an exception in run() sets: close() skips the checkpoint
+        runtime.close()
+
+    def position(runtime: ConsumerRuntime) -> int:
+        owned = runtime._owned.get(0)
+        return owned.offsets.get(topics.impressions, 0) if owned else 0
+
+    first = joiner()
+    while position(first) < 30_000:
+        first.poll_once()
+    assert first.checkpoint(force=True)
+    stored = store.load([0])[0]
+    crash(first)
+    restored_at = stored.offsets[topics.impressions]
+
+    second = joiner()
+    while not 0 < position(second) < restored_at:  # until the re-read has begun
+        second.poll_once()
+    for _ in range(10):
+        second.poll_once()
+    assert 0 < position(second) < restored_at, "mid-re-read"
+    assert second.checkpoint(force=True)
+    again = store.load([0])[0]
+    assert (again.offsets, again.state, again.emit_seq) == (
+        stored.offsets,
+        stored.state,
+        stored.emit_seq,
+    )
+    crash(second)
+
+    third = joiner()
+    expected = _join_reference(impressions, clicks, 1, lambda user: 0)
+    consumer = KafkaConsumer(
+        topics.feedback, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    applied: dict[str, Feedback] = {}
+    last_seq: dict[bytes, int] = {}
+    deadline = time.monotonic() + 90
+    try:
+        while len(applied) < len(expected) and time.monotonic() < deadline:
+            third.poll_once()
+            for batch in consumer.poll(timeout_ms=50).values():
+                for record in batch:
+                    headers = dict(record.headers)
+                    source, seq = headers[SOURCE_HEADER], int(headers[SEQ_HEADER])
+                    if seq > last_seq.get(source, -1):
+                        last_seq[source] = seq
+                        fb = decode_feedback(record.value)
+                        assert fb.feedback_id not in applied, "emitted twice past de-duplication"
+                        applied[fb.feedback_id] = fb
+    finally:
+        consumer.close()
+        third.close()
+    assert {k: f.reward for k, f in applied.items()} == {f.feedback_id: f.reward for f in expected}

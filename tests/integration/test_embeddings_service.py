@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -16,11 +17,13 @@ from prometheus_client import CollectorRegistry
 
 from contracts.events import Click, encode
 from contracts.keys import KeySpace
+from contracts.params import decode_params
 from services.common.runtime import ConsumerRuntime
 from services.common.settings import KafkaSettings, RedisSettings, TopicSettings
 from services.embeddings.service import EmbeddingsSettings, ItemStats, build_runtime
 from services.index import ReloadableIndex, read_pointer
 from services.simulator import World, WorldConfig
+from tests.integration.processes import ServiceProcess
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)
@@ -169,3 +172,86 @@ def test_item_stats_decay_rebase_and_round_trip() -> None:
     assert stats.fresh(5, window_s=10.0) == {"new": 600.0}
     clone = ItemStats.from_state(stats.state(), half_life_s=1.0)
     assert clone.popular(5) == top and clone.first_seen == stats.first_seen
+
+
+def test_sigkill_mid_stream_neither_loses_nor_double_counts_a_click(
+    kafka_bootstrap: str,
+    redis_url: str,
+    redis_client: redis.Redis,
+    keyspace: KeySpace,
+    topic_factory: Callable[..., str],
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Kill -9 the service mid-stream and restart it: every click counts once.
+
+    The popularity statistics are per click and travel in the checkpoint with the
+    offsets, so they show exactly-once: with a half-life far beyond the stream's
+    span each item's score is its click count (to 1e-6); a lost click or one
+    applied twice moves some score by 1. (Which pairs the skip-gram trains on
+    depends on in-memory click windows, which a restart starts afresh.)
+    """
+    n = 24_000
+    clicks_topic = topic_factory("clicks", partitions=2)
+    dead_letter = topic_factory("dlq")
+    group = unique_name("embeddings")
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "REDIS_URL": redis_url,
+        "REDIS_NAMESPACE": keyspace.namespace,
+        "STREAMREC_TOPIC_CLICKS": clicks_topic,
+        "STREAMREC_TOPIC_DEAD_LETTER": dead_letter,
+        "STREAMREC_EMBEDDINGS_GROUP": group,
+        "STREAMREC_SNAPSHOT_DIR": str(tmp_path / "snapshots"),
+        "STREAMREC_EMBEDDINGS_PUBLISH_INTERVAL_S": "0.5",
+        "STREAMREC_EMBEDDINGS_DIM": "8",
+        "STREAMREC_EMBEDDINGS_POPULARITY_HALF_LIFE_S": "1e12",
+    }
+    rng = np.random.default_rng(5)
+    users = rng.integers(0, 400, n)
+    items = rng.zipf(1.3, n) % 300
+    expected = np.bincount(items, minlength=300)
+
+    def produce() -> None:
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
+        started = time.monotonic()
+        for i in range(n):
+            click = Click(
+                event_id=f"e{i}", user_id=f"u{users[i]}", item_id=f"i{items[i]}", ts=TS + i / 1000
+            )
+            producer.send(clicks_topic, key=click.user_id.encode(), value=encode(click))
+            if i % 500 == 0:  # about 3,000 clicks/s
+                time.sleep(max(0.0, started + i / 3000 - time.monotonic()))
+        producer.flush()
+        producer.close()
+
+    def consumed() -> int:
+        total = 0
+        for partition in (0, 1):
+            raw = redis_client.hget(keyspace.checkpoint(group, partition), "offsets")
+            total += json.loads(raw).get(clicks_topic, 0) if raw else 0
+        return total
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    service = ServiceProcess("embeddings", env, tmp_path / "embeddings.log").start()
+    try:
+        wait_until(lambda: consumed() > 2_000, 90, "checkpointed progress before the kill")
+        service.kill()
+        killed_at = consumed()
+        service.start()
+        thread.join()
+        assert killed_at < n // 2, "the kill must land mid-stream"
+        wait_until(lambda: consumed() == n, 120, "every click consumed")
+    finally:
+        thread.join()
+        service.stop()
+
+    owner = min(p for p in (0, 1) if redis_client.hget(keyspace.checkpoint(group, p), "state"))
+    arrays = decode_params(redis_client.hget(keyspace.checkpoint(group, owner), "state")).arrays
+    stats = ItemStats.from_state(
+        {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("stats/")}, 1e12
+    )
+    scores = {item: stats.scores.get(f"i{item}", 0.0) for item in range(300)}
+    np.testing.assert_allclose([scores[i] for i in range(300)], expected, rtol=1e-6)
+    assert "restored" in (tmp_path / "embeddings.log").read_text()

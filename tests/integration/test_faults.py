@@ -25,7 +25,7 @@ from kafka import KafkaProducer
 
 from contracts.events import Feedback, encode
 from contracts.keys import KeySpace
-from services.paramstore import ParamStore, ParamWatcher
+from services.paramstore import ModelNotFound, ParamStore, ParamWatcher
 from services.stack.servers import ensure_topics, start_broker, start_redis
 from tests.integration.processes import ServiceProcess, wait_for
 from tests.integration.test_bandit_loop import (
@@ -68,9 +68,9 @@ def test_a_consumer_frozen_past_its_session_timeout_hands_over_exactly_once(
     """SIGSTOP one of two bandits processes mid-stream; the other takes its partitions.
 
     When the frozen one resumes it finds itself evicted (its partitions are
-    "lost") and drops its stale state without checkpointing it, then rejoins.
-    A publish it had in flight when frozen can still land late (no fencing
-    tokens yet), so the published model may briefly go back; the final model
+    "lost" or its checkpoint fenced) and drops its stale state, then rejoins. A
+    publish it had in flight when frozen carries its old ownership epoch and is
+    refused, so readers never see a partition's part go back; the final model
     must be exact.
     """
     feedback = _feedback_stream(40_000, seed=11)
@@ -84,6 +84,28 @@ def test_a_consumer_frozen_past_its_session_timeout_hands_over_exactly_once(
     producer = threading.Thread(
         target=_produce, args=(kafka_bootstrap, topics["feedback"], feedback, 4000.0)
     )
+    sampling = threading.Event()
+    samples: list[dict[str, tuple[int, float]]] = []
+
+    def sample() -> None:
+        while not sampling.is_set():
+            try:
+                _, parts = store.latest_parts("linucb")
+            except ModelNotFound:
+                continue
+            samples.append(
+                {
+                    name: (
+                        part.offsets[topics["feedback"]][int(name[1:])],
+                        part.arrays["counts"].sum(),
+                    )
+                    for name, part in parts.items()
+                }
+            )
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     try:
         wait_for(
             lambda: all(_assignments(log) and _assignments(log)[-1] for log in logs),
@@ -114,6 +136,8 @@ def test_a_consumer_frozen_past_its_session_timeout_hands_over_exactly_once(
         _assert_same_model(_published(store)[1], _reference(feedback))
         assert first.alive() and second.alive()
     finally:
+        sampling.set()
+        sampler.join()
         if producer.is_alive():
             producer.join()
         if first.popen is not None:
@@ -121,6 +145,9 @@ def test_a_consumer_frozen_past_its_session_timeout_hands_over_exactly_once(
         first.stop()
         second.stop()
     assert frozen_at < len(feedback) // 2, "the freeze must land mid-stream"
+    for name in samples[-1]:
+        seen = [sample[name] for sample in samples if name in sample]
+        assert seen == sorted(seen), f"part {name} went back: {seen}"
 
 
 def test_redis_restart_with_persistence_resumes_and_readers_keep_the_last_params(

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,8 +17,9 @@ from pydantic import SecretStr
 
 from contracts.events import decode_click, decode_impression
 from services.common.settings import KafkaSettings, TopicSettings
-from services.gateway import EventProducer, GatewaySettings, create_app
+from services.gateway import EventProducer, GatewaySettings, check_auth, create_app
 from services.stack.servers import free_port
+from tests.integration.processes import ROOT
 
 pytestmark = pytest.mark.integration
 TS = 1.7e9
@@ -140,6 +144,28 @@ def test_bearer_token_is_required(gateway):
     assert client.get("/healthz").json() == {"status": "ok"}
     metrics = client.get("/metrics").text
     assert 'streamrec_gateway_requests_total{code="401",route="/v1/clicks"} 1.0' in metrics
+
+
+def test_without_a_token_the_gateway_refuses_to_start_unless_anonymity_is_explicit(
+    kafka_bootstrap,
+):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_GATEWAY_")} | {
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "STREAMREC_GATEWAY_PORT": str(free_port()),
+    }
+    refused = subprocess.run(
+        [sys.executable, "-m", "services.cli", "run", "gateway"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    assert "STREAMREC_GATEWAY_TOKEN" in refused.stderr + refused.stdout
+    with pytest.raises(ValueError, match="STREAMREC_GATEWAY_TOKEN is empty"):
+        check_auth(GatewaySettings(token=SecretStr("  ")))
+    check_auth(GatewaySettings(allow_anonymous=True))
 
 
 def test_events_round_trip_gateway_to_kafka_to_a_runtime_consumer(

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -99,8 +100,15 @@ def test_status_restart_of_a_crashed_service_and_sigterm_stopping_everything(tmp
     assert not (tmp_path / "stack.json").exists()
 
 
-def test_down_stops_a_running_stack(tmp_path):
+def test_down_stops_a_running_stack_whose_gateway_requires_its_generated_token(tmp_path):
     up, state = _up(tmp_path)
+    token_file = tmp_path / "gateway-token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    url = f"http://127.0.0.1:{state['services']['gateway']['http_port']}/v1/clicks"
+    click = {"event_id": "e1", "user_id": "u1", "item_id": "i1", "ts": time.time()}
+    assert httpx.post(url, json=click, timeout=10).status_code == 401
+    auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+    assert httpx.post(url, json=click, headers=auth, timeout=10).status_code == 202
     result = _cli("down", "--run-dir", str(tmp_path))
     assert result.returncode == 0 and "stopped stack" in result.stdout
     assert up.wait(60) == 0
