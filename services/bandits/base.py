@@ -79,7 +79,9 @@ def group_rows(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return order, ordered[starts], starts
 
 
-def arm_forms(mats: np.ndarray, slots: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def arm_forms(
+    mats: np.ndarray, slots: np.ndarray, X: np.ndarray, run: slice | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row, with ``M = mats[slots[i]]`` of shape (d, m ≥ d) and ``x = X[i]``:
     the quadratic form ``x @ M[:, :d] @ x`` (n,) and the linear forms ``x @ M[:, d:]`` (n, m - d).
 
@@ -90,12 +92,13 @@ def arm_forms(mats: np.ndarray, slots: np.ndarray, X: np.ndarray) -> tuple[np.nd
     each over a candidate set) take one matrix product over contexts × arms;
     other large calls with many rows per arm do one product per arm, and the
     rest gather in cache-sized chunks, so no call copies a matrix per row into
-    one huge temporary.
+    one huge temporary. ``run``, when given, is ``slots`` as a slice
+    (:meth:`ArmTable.run_of`): small calls then read the matrices as a view.
     """
     n, d = X.shape
     m = mats.shape[-1]
     if n * d * m <= _GATHER_LIMIT:
-        return _gathered_forms(mats, slots, X)
+        return _gathered_forms(mats, slots, X, run)
     shared = _shared_context_forms(mats, slots, X)
     if shared is not None:
         return shared
@@ -180,10 +183,11 @@ def _projection(d: int) -> np.ndarray:
 
 
 def _gathered_forms(
-    mats: np.ndarray, slots: np.ndarray, X: np.ndarray
+    mats: np.ndarray, slots: np.ndarray, X: np.ndarray, run: slice | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     d = X.shape[1]
-    products = np.matmul(X[:, None, :], mats.take(slots, axis=0))[:, 0, :]
+    rows = mats[run] if run is not None else mats.take(slots, axis=0)
+    products = np.matmul(X[:, None, :], rows)[:, 0, :]
     return row_dots(products[:, :d], X), products[:, d:]
 
 
@@ -216,6 +220,7 @@ class ArmTable:
         self._sorted_slots = np.empty(0, dtype=np.intp)
         self._memo_key: bytes | None = None
         self._memo_slots = np.empty(0, dtype=np.intp)
+        self._memo_run: slice | None = None
         self.arrays: dict[str, np.ndarray] = {
             name: self._prior_rows(value, capacity + 1) for name, value in self._prior.items()
         }
@@ -251,8 +256,17 @@ class ArmTable:
             pos = np.minimum(np.searchsorted(self._sorted_labels, items), self._size - 1)
             slots = np.where(self._sorted_labels[pos] == items, self._sorted_slots[pos], 0)
         slots.flags.writeable = False
-        self._memo_key, self._memo_slots = key, slots
+        self._memo_key, self._memo_slots, self._memo_run = key, slots, None
+        if key is not None and len(slots) and slots[0] > 0:
+            run = slice(int(slots[0]), int(slots[0]) + len(slots))
+            if np.array_equal(slots, np.arange(run.start, run.stop)):
+                self._memo_run = run
         return slots
+
+    def run_of(self, slots: np.ndarray) -> slice | None:
+        """``slots`` as a slice if they are the last lookup's and consecutive (e.g. every
+        arm in registration order), so arrays can be read as views instead of gathered."""
+        return self._memo_run if slots is self._memo_slots else None
 
     def slot_of(self, label: int) -> int:
         """Slot of one label, 0 if it is not registered (the one-event fast path)."""

@@ -103,7 +103,9 @@ class HybridLinUCB(BanditLearner):
             self._refresh_shared()
         d, k = self.arm_dim, self.shared_dim
         x, z = X[:, :d], X[:, d:]
-        quadratic, linear = arm_forms(self._table.arrays["proj"], slots, x)
+        quadratic, linear = arm_forms(
+            self._table.arrays["proj"], slots, x, self._table.run_of(slots)
+        )
         residual = z - linear[:, :k]
         variance = row_dots(residual @ self._a0_inv, residual) + quadratic
         mean = z @ self._beta + linear[:, k]

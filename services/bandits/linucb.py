@@ -56,7 +56,9 @@ class DisjointRidge(BanditLearner):
 
     def _posterior(self, slots: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Posterior mean ``xᵀθ_a`` and width ``√(xᵀA_a⁻¹x)`` of every row."""
-        quadratic, linear = arm_forms(self._table.arrays["proj"], slots, X)
+        quadratic, linear = arm_forms(
+            self._table.arrays["proj"], slots, X, self._table.run_of(slots)
+        )
         # Rounding can push a tiny quadratic form below zero.
         return linear[:, 0], np.sqrt(np.maximum(quadratic, 0.0, out=quadratic), out=quadratic)
 
