@@ -1,7 +1,8 @@
 """Faults with real processes: a frozen consumer, a Redis restart, a broker restart.
 
-Kill -9 of the joiner, bandits, sequences and DRN services is covered next to each
-service (test_bandit_loop, test_sequences, test_drn_service). What is left is
+Kill -9 of the joiner, bandits, sequences, embeddings and DRN services is covered
+next to each service (test_bandit_loop, test_sequences, test_embeddings_service,
+test_drn_service). What is left is
 what happens *around* a consumer: a process frozen past its session timeout
 while another one of its group takes over, the state store going away and
 coming back, and the broker going away and coming back.
