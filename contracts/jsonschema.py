@@ -6,7 +6,9 @@ committed file no longer matches the code (``streamrec schemas --check``).
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -18,10 +20,25 @@ EVENTS = {"impression": Impression, "click": Click, "feedback": Feedback}
 
 def render(name: str) -> bytes:
     """The schema document of one event type, as committed."""
-    schema = msgspec.json.schema(EVENTS[name])
+    schema = _clean_descriptions(msgspec.json.schema(EVENTS[name]))
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = f"https://streamrec.dev/schemas/{name}.v1.json"
     return msgspec.json.format(msgspec.json.encode(schema, order="sorted"), indent=2) + b"\n"
+
+
+def _clean_descriptions(node: Any) -> Any:
+    """``node`` with every docstring-derived description dedented, as msgspec ≥ 0.23
+    does itself, so the files do not depend on the installed msgspec version."""
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else _clean_descriptions(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_clean_descriptions(value) for value in node]
+    return node
 
 
 def write_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:
