@@ -87,8 +87,8 @@ class DisjointRidge(BanditLearner):
         # Sherman–Morrison, (A + x xᵀ)⁻¹ = A⁻¹ − v vᵀ / (1 + xᵀv), and the matching
         # recursive least-squares step θ ← θ − v (xᵀθ − r) / (1 + xᵀv): one rank-one update.
         u[d] -= reward
-        proj -= np.outer(v, u / (1.0 + x @ v))
-        arrays["gram"][slot] += np.outer(x, x)
+        proj -= v[:, None] * (u / (1.0 + x @ v))
+        arrays["gram"][slot] += x[:, None] * x
         if reward:
             arrays["b"][slot] += reward * x
         arrays["counts"][slot] += 1
