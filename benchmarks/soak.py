@@ -1,9 +1,11 @@
 """Soak: a steady load through the whole loop for minutes; lag, RSS and freshness over time.
 
-Run: python benchmarks/soak.py [--seconds 600] [--rate 5000]; writes
-benchmarks/results/soak.json. Everything runs on this machine: the embedded
-broker (Tansu) and redis-server, and the joiner, bandits and sequences services
-as ``streamrec run`` processes. A load process produces impressions (slates of
+Run: python benchmarks/soak.py [--seconds 600] [--rate 5000] [--kafka HOST:PORT]
+[--redis URL]; writes benchmarks/results/soak.json. The joiner, bandits and
+sequences services run as ``streamrec run`` processes on this machine, against
+the embedded broker (Tansu) and redis-server unless ``--kafka``/``--redis`` name
+dedicated servers (the embedded broker cannot sustain a long soak:
+docs/decisions.md §11). A load process produces impressions (slates of
 ``--slate`` items) and clicks on some shown items straight into Kafka at
 ``--rate`` events/s (impressions + clicks); the joiner turns them into feedback,
 the bandits learn from it and publish LinUCB parameters, the sequences service
@@ -14,7 +16,8 @@ over partitions (``streamrec_consumer_lag_records`` from its /metrics), and the
 RSS and CPU use of every process (services, broker, Redis, the load process).
 The embedded Tansu keeps the whole log in memory, so its RSS grows with the
 events produced by design; it is no leak of the services. Freshness is
-probed every second: the feedback topic's end offsets are read, and the probe
+probed every second: the feedback topic's end offsets are read (as the high
+watermarks of a consumer tailing it), and the probe
 resolves when the first published params version's offsets cover them, so it
 is the time from feedback being in Kafka to a params version that includes it.
 
@@ -123,11 +126,17 @@ def lag_by_service(port: int) -> float | None:
 
 
 class Freshness:
-    """Probes feedback end offsets each second; resolves each probe on the covering params."""
+    """Probes feedback end offsets each second; resolves each probe on the covering params.
+
+    The end offsets are the high watermarks of a consumer that tails ``feedback``:
+    every fetch response carries them, so probing sends the broker no request of
+    its own (Tansu answers a ListOffsets request in time proportional to the log).
+    """
 
     def __init__(self, bootstrap: str, store: ParamStore) -> None:
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=10)
         self.tps = [TopicPartition("feedback", p) for p in range(PARTITIONS)]
+        self.consumer.assign(self.tps)
         self.store = store
         self.pending: list[tuple[float, dict[int, int]]] = []
         self.resolved: list[tuple[float, float]] = []  # (probe time, seconds to params)
@@ -136,10 +145,11 @@ class Freshness:
     def run(self) -> None:
         last_probe = 0.0
         while not self.stop.is_set():
+            self.consumer.poll(timeout_ms=0, max_records=100_000)  # stay at the tail
             now = time.time()
-            if now - last_probe >= 1.0:
-                ends = self.consumer.end_offsets(self.tps)
-                self.pending.append((now, {tp.partition: off for tp, off in ends.items()}))
+            ends = {tp.partition: self.consumer.highwater(tp) for tp in self.tps}
+            if now - last_probe >= 1.0 and None not in ends.values():
+                self.pending.append((now, ends))
                 last_probe = now
             try:
                 _, header, _ = self.store.latest(POLICY)
@@ -195,20 +205,30 @@ def main() -> None:
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--warmup-s", type=float, default=60.0, help="left out of RSS slopes")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--kafka",
+        metavar="HOST:PORT",
+        help="a dedicated Kafka cluster instead of the embedded broker",
+    )
+    parser.add_argument(
+        "--redis", metavar="URL", help="a dedicated Redis instead of the embedded one"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="streamrec-soak-"))
-    broker = start_broker(work / "broker")
-    server = start_redis(work / "redis")
+    broker = None if args.kafka else start_broker(work / "broker")
+    server = None if args.redis else start_redis(work / "redis")
+    bootstrap = broker.bootstrap if broker else args.kafka
+    redis_url = server.url if server else args.redis
     keys = KeySpace("soak")
     ensure_topics(
-        {"bootstrap_servers": broker.bootstrap},
+        {"bootstrap_servers": bootstrap},
         {"impressions": PARTITIONS, "clicks": PARTITIONS, "feedback": PARTITIONS},
     )
-    ensure_topics({"bootstrap_servers": broker.bootstrap}, {"dead-letter": 1})
+    ensure_topics({"bootstrap_servers": bootstrap}, {"dead-letter": 1})
     base_env = os.environ | {
-        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
-        "REDIS_URL": server.url,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "REDIS_URL": redis_url,
         "REDIS_NAMESPACE": keys.namespace,
         "STREAMREC_BANDITS_POLICIES": json.dumps({POLICY: {"learner": "linucb"}}),
         "STREAMREC_JOINER_WINDOW_S": "10",
@@ -228,20 +248,20 @@ def main() -> None:
             )
     time.sleep(8.0)  # group joins on Tansu take a few seconds
 
-    client = redis.Redis.from_url(server.url)
-    freshness = Freshness(broker.bootstrap, ParamStore(client, keys=keys))
+    client = redis.Redis.from_url(redis_url)
+    freshness = Freshness(bootstrap, ParamStore(client, keys=keys))
     sent = multiprocessing.Value("q", 0)
     load = multiprocessing.Process(
         target=produce_load,
-        args=(broker.bootstrap, args.rate, args.seconds, args.slate, args.click_p, sent),
+        args=(bootstrap, args.rate, args.seconds, args.slate, args.click_p, sent),
     )
     load.start()
     threading.Thread(target=freshness.run, daemon=True).start()
-    pids = {name: p.pid for name, p in processes.items()} | {
-        "broker": broker.process.pid,
-        "redis": server.process.pid,
-        "load": load.pid,
-    }
+    pids = {name: p.pid for name, p in processes.items()} | {"load": load.pid}
+    if broker is not None:
+        pids["broker"] = broker.process.pid
+    if server is not None:
+        pids["redis"] = server.process.pid
     handles = {name: psutil.Process(pid) for name, pid in pids.items()}
     for handle in handles.values():
         cpu_percent(handle)  # the first call starts the measurement
@@ -280,8 +300,10 @@ def main() -> None:
             process.terminate()
         codes = {name: process.wait(30) for name, process in processes.items()}
         client.close()
-        server.stop()
-        broker.stop()
+        if server is not None:
+            server.stop()
+        if broker is not None:
+            broker.stop()
 
     steady = [s for s in samples if s["t_s"] >= args.warmup_s] or samples
     delays = np.array([d for _, d in freshness.resolved])

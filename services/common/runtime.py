@@ -517,14 +517,15 @@ class ConsumerRuntime:
     # -- lag -------------------------------------------------------------------
 
     def _update_lag(self) -> None:
-        if self._consumer is None or not self._positions:
+        """Lag of each partition consumed so far, from the high watermark its last fetch
+        response carried: no request of its own (a ListOffsets request, what
+        ``end_offsets`` sends, costs the embedded broker time in proportion to the log)."""
+        if self._consumer is None:
             return
-        try:
-            ends = self._consumer.end_offsets(list(self._positions))
-        except KafkaError as exc:
-            log.debug("lag not measured: %s", exc)
-            return
-        for tp, end in ends.items():
-            # Tansu's end offsets can trail a few records: lag is clamped at 0.
-            lag = max(0, end - self._positions.get(tp, end))
+        assigned = self._consumer.assignment()
+        for tp, position in self._positions.items():
+            end = self._consumer.highwater(tp) if tp in assigned else None
+            if end is None:
+                continue  # no fetch answered for it yet
+            lag = max(0, end - position)
             self.metrics.lag.labels(self.service, tp.topic, str(tp.partition)).set(lag)

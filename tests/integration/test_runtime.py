@@ -1,7 +1,8 @@
-"""The consumer runtime against the real broker and Redis: exactly-once and dead letters."""
+"""The consumer runtime against the real broker and Redis: exactly-once, dead letters, lag."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -12,11 +13,19 @@ from pathlib import Path
 import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client import CollectorRegistry
 
-from contracts.events import Click, encode
+from contracts.events import Click, decode_click, encode
 from contracts.keys import KeySpace
+from services.common import (
+    ConsumerRuntime,
+    KafkaSettings,
+    RedisSettings,
+    RuntimeSettings,
+    TopicSettings,
+)
 from services.stack.servers import ensure_topics
-from tests.integration.tally_worker import TALLY
+from tests.integration.tally_worker import TALLY, TallyProcessor
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,3 +162,45 @@ def test_poison_records_are_dead_lettered_with_reasons_and_good_ones_flow(
         assert (
             int(headers["streamrec-dlq-offset"]) % 2 == 1
         )  # every poison record sat at odd offsets
+
+
+def test_lag_comes_from_the_fetched_high_watermark_and_reaches_zero(
+    kafka_bootstrap, redis_url, keyspace, unique_name
+):
+    n = 200
+    topic = unique_name("lag")
+    ensure_topics({"bootstrap_servers": kafka_bootstrap}, {topic: 1, f"{topic}-dlq": 1})
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
+    for i in range(n):
+        producer.send(topic, value=_click(i))
+    producer.flush()
+    producer.close()
+    registry = CollectorRegistry()
+    processor = TallyProcessor()
+    runtime = ConsumerRuntime(
+        service="tally",
+        group=unique_name("lag"),
+        inputs={topic: decode_click},
+        processor=processor,
+        kafka=KafkaSettings(
+            bootstrap_servers=kafka_bootstrap, max_poll_interval_ms=3000, session_timeout_ms=3000
+        ),
+        redis_settings=RedisSettings(url=redis_url, namespace=keyspace.namespace),
+        topics=TopicSettings(dead_letter=f"{topic}-dlq"),
+        settings=RuntimeSettings(max_batch=50, lag_interval_s=1.0),
+        registry=registry,
+        clock=itertools.count(step=10).__next__,  # every poll is past the lag interval
+    )
+    labels = {"service": "tally", "topic": topic, "partition": "0"}
+    observed = []
+    runtime.open()
+    try:
+        deadline = time.monotonic() + 60
+        while processor.tally.get(0, [0])[0] < n and time.monotonic() < deadline:
+            if runtime.poll_once():
+                lag = registry.get_sample_value("streamrec_consumer_lag_records", labels)
+                observed.append((processor.tally[0][0], lag))
+    finally:
+        runtime.close()
+    assert [done for done, _ in observed] == [50, 100, 150, 200]
+    assert [lag for _, lag in observed] == [150, 100, 50, 0]
