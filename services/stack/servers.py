@@ -175,6 +175,9 @@ class EmbeddedRedis:
 
 
 def _broker_healthy(bootstrap: str) -> None:
+    host, port = bootstrap.rsplit(":", 1)
+    # Until the port accepts connections, fail quietly (kafka-python would log each refusal).
+    socket.create_connection((host, int(port)), timeout=1.0).close()
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
     try:
         admin.list_topics()
