@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import struct
 import sys
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
 
 from contracts.events import decode_click
 from services.common import (
@@ -56,20 +60,43 @@ class TallyProcessor(Processor):
         del self.tally[partition]
 
 
+def tally_runtime(
+    topic: str,
+    group: str,
+    processor: TallyProcessor,
+    *,
+    redis_settings: RedisSettings,
+    settings: RuntimeSettings,
+    registry: CollectorRegistry,
+    bootstrap: str | None = None,
+    clock: Callable[[], float] = time.time,
+) -> ConsumerRuntime:
+    """A tally consumer of ``topic`` (dead letters to ``<topic>-dlq``) with group timeouts
+    short enough for Tansu's slow joins; Kafka from the environment unless ``bootstrap``."""
+    address = {"bootstrap_servers": bootstrap} if bootstrap else {}
+    return ConsumerRuntime(
+        service="tally",
+        group=group,
+        inputs={topic: decode_click},
+        processor=processor,
+        kafka=KafkaSettings(max_poll_interval_ms=3000, session_timeout_ms=3000, **address),
+        redis_settings=redis_settings,
+        topics=TopicSettings(dead_letter=f"{topic}-dlq"),
+        settings=settings,
+        registry=registry,
+        clock=clock,
+    )
+
+
 def main() -> int:
     topic, group, namespace = sys.argv[1:4]
-    redis_settings = RedisSettings(namespace=namespace)
-    topics = TopicSettings(dead_letter=f"{topic}-dlq")
     return run_consumer_service(
         "tally",
-        lambda registry: ConsumerRuntime(
-            service="tally",
-            group=group,
-            inputs={topic: decode_click},
-            processor=TallyProcessor(),
-            kafka=KafkaSettings(max_poll_interval_ms=3000, session_timeout_ms=3000),
-            redis_settings=redis_settings,
-            topics=topics,
+        lambda registry: tally_runtime(
+            topic,
+            group,
+            TallyProcessor(),
+            redis_settings=RedisSettings(namespace=namespace),
             settings=RuntimeSettings(checkpoint_interval_s=0.2, max_batch=500),
             registry=registry,
         ),

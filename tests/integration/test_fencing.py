@@ -15,21 +15,12 @@ import pytest
 from kafka import KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from contracts.events import decode_click
 from contracts.params import encode_params
-from services.common import (
-    Checkpoint,
-    CheckpointStore,
-    ConsumerRuntime,
-    KafkaSettings,
-    RedisSettings,
-    RuntimeSettings,
-    TopicSettings,
-)
+from services.common import Checkpoint, CheckpointStore, RedisSettings, RuntimeSettings
 from services.common.checkpoint import Fenced
 from services.paramstore import ParamStore, StalePublish
 from services.stack.servers import ensure_topics
-from tests.integration.tally_worker import TALLY, TallyProcessor
+from tests.integration.tally_worker import TALLY, TallyProcessor, tally_runtime
 from tests.integration.test_runtime import _click
 
 pytestmark = pytest.mark.integration
@@ -120,18 +111,14 @@ def test_a_runtime_fenced_by_a_new_owner_drops_and_stops_fetching_the_partition(
     producer.flush()
     group = unique_name("fenced")
     processor = TallyProcessor()
-    runtime = ConsumerRuntime(
-        service="tally",
-        group=group,
-        inputs={topic: decode_click},
-        processor=processor,
-        kafka=KafkaSettings(
-            bootstrap_servers=kafka_bootstrap, max_poll_interval_ms=3000, session_timeout_ms=3000
-        ),
+    runtime = tally_runtime(
+        topic,
+        group,
+        processor,
         redis_settings=RedisSettings(url=redis_url, namespace=keyspace.namespace),
-        topics=TopicSettings(dead_letter=f"{topic}-dlq"),
         settings=RuntimeSettings(checkpoint_interval_s=3600),
         registry=CollectorRegistry(),
+        bootstrap=kafka_bootstrap,
     )
     store = CheckpointStore(redis_client, keyspace, group)
     runtime.open()

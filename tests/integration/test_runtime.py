@@ -15,17 +15,11 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from contracts.events import Click, decode_click, encode
+from contracts.events import Click, encode
 from contracts.keys import KeySpace
-from services.common import (
-    ConsumerRuntime,
-    KafkaSettings,
-    RedisSettings,
-    RuntimeSettings,
-    TopicSettings,
-)
+from services.common import RedisSettings, RuntimeSettings
 from services.stack.servers import ensure_topics
-from tests.integration.tally_worker import TALLY, TallyProcessor
+from tests.integration.tally_worker import TALLY, TallyProcessor, tally_runtime
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,18 +171,14 @@ def test_lag_comes_from_the_fetched_high_watermark_and_reaches_zero(
     producer.close()
     registry = CollectorRegistry()
     processor = TallyProcessor()
-    runtime = ConsumerRuntime(
-        service="tally",
-        group=unique_name("lag"),
-        inputs={topic: decode_click},
-        processor=processor,
-        kafka=KafkaSettings(
-            bootstrap_servers=kafka_bootstrap, max_poll_interval_ms=3000, session_timeout_ms=3000
-        ),
+    runtime = tally_runtime(
+        topic,
+        unique_name("lag"),
+        processor,
         redis_settings=RedisSettings(url=redis_url, namespace=keyspace.namespace),
-        topics=TopicSettings(dead_letter=f"{topic}-dlq"),
         settings=RuntimeSettings(max_batch=50, lag_interval_s=1.0),
         registry=registry,
+        bootstrap=kafka_bootstrap,
         clock=itertools.count(step=10).__next__,  # every poll is past the lag interval
     )
     labels = {"service": "tally", "topic": topic, "partition": "0"}
