@@ -74,16 +74,27 @@ class PartitionJoin:
         return min(self.seen_impressions, self.seen_clicks)
 
     def resume_after(
-        self, seen_impressions: float, seen_clicks: float, impressions_offset: int
+        self,
+        seen_impressions: float,
+        seen_clicks: float,
+        impressions_offset: int,
+        *,
+        rereading_impressions: bool = False,
+        rereading_clicks: bool = False,
     ) -> None:
         """Restore from a checkpoint taken after ``impressions_offset``.
 
         Impressions read before the checkpoint whose window closed by its
-        watermark were emitted then; re-reading them rebuilds state silently.
+        watermark were emitted then; re-reading them rebuilds state silently. A
+        stream re-read from below the checkpoint starts its progress afresh, so
+        the watermark passes only what the re-read has seen again: with the
+        checkpointed progress, re-read impressions would close before the
+        re-read clicks reach them.
         """
-        self.seen_impressions, self.seen_clicks = seen_impressions, seen_clicks
-        self._emitted_through = self.watermark
+        self._emitted_through = min(seen_impressions, seen_clicks)
         self._emitted_below_offset = impressions_offset
+        self.seen_impressions = 0.0 if rereading_impressions else seen_impressions
+        self.seen_clicks = 0.0 if rereading_clicks else seen_clicks
 
     # -- input -----------------------------------------------------------------
 

@@ -206,14 +206,17 @@ class JoinProcessor(Processor):
         if checkpoint is None or not checkpoint.state:
             return None
         state = msgspec.json.decode(checkpoint.state, type=_State)
+        seek = dict(checkpoint.offsets)
+        for topic, offset in state.replay_from.items():
+            seek[topic] = min(offset, seek.get(topic, offset))
+        rereading = {t for t, offset in seek.items() if offset < checkpoint.offsets.get(t, 0)}
         join.resume_after(
             state.seen_impressions,
             state.seen_clicks,
             checkpoint.offsets.get(self.topics.impressions, 0),
+            rereading_impressions=self.topics.impressions in rereading,
+            rereading_clicks=self.topics.clicks in rereading,
         )
-        seek = dict(checkpoint.offsets)
-        for topic, offset in state.replay_from.items():
-            seek[topic] = min(offset, seek.get(topic, offset))
         if seek != checkpoint.offsets:
             self._rebuilding[partition] = dict(checkpoint.offsets)
             log.info(

@@ -139,9 +139,46 @@ def test_resume_rebuilds_silently_and_emits_only_what_was_still_open():
     emitted_after = [f for k in range(4, 6) for f in feed(full, k)]
 
     restored = PartitionJoin(window_s=15, lateness_s=0)
-    restored.resume_after(*seen, impressions_offset=4)
-    assert first_open == first_click
+    assert first_open == first_click < 4
+    restored.resume_after(
+        *seen, impressions_offset=4, rereading_impressions=True, rereading_clicks=True
+    )
     replayed = [f for k in range(first_open, 6) for f in feed(restored, k)]
     assert {f.request_id for f in emitted_before} == {"r0", "r1"}
     assert replayed == emitted_after
     assert {f.request_id for f in emitted_after} == {"r2", "r3"}
+
+
+def test_a_re_read_that_gets_the_impressions_first_still_attributes_their_clicks():
+    """The first run read every click before most impressions; after a restore the
+    re-read happens to get the impressions first. Were the clicks' checkpointed
+    progress restored, the re-read impressions would close before their clicks
+    came back, unrewarded."""
+    imps = [impression(f"r{k}", T0 + k, items=("a",), user=f"u{k}") for k in range(10)]
+    clicks = [click(f"c{k}", "a", T0 + k + 0.5, rid=f"r{k}", user=f"u{k}") for k in range(10)]
+
+    uninterrupted = PartitionJoin(window_s=2, lateness_s=1)
+    expected = [f for k, c in enumerate(clicks) for f in uninterrupted.click(c, k)]
+    expected += [f for k, i in enumerate(imps) for f in uninterrupted.impression(i, k)]
+    expected += uninterrupted.advance(T0 + 100)
+    assert [f.reward for f in expected] == [1] * 10
+
+    first = PartitionJoin(window_s=2, lateness_s=1)
+    for k, c in enumerate(clicks):
+        first.click(c, k)
+    assert [f for k in range(3) for f in first.impression(imps[k], k)] == []
+    replay_impressions, replay_clicks = first.replay_from()  # checkpoint at offsets (3, 10)
+    assert (replay_impressions, replay_clicks) == (0, 0)
+
+    restored = PartitionJoin(window_s=2, lateness_s=1)
+    restored.resume_after(
+        first.seen_impressions,
+        first.seen_clicks,
+        impressions_offset=3,
+        rereading_impressions=True,
+        rereading_clicks=True,
+    )
+    out = [f for k in range(10) for f in restored.impression(imps[k], k)]
+    out += [f for k in range(10) for f in restored.click(clicks[k], k)]
+    out += restored.advance(T0 + 100)
+    assert out == expected
