@@ -79,8 +79,8 @@ class PartitionJoin:
         seen_clicks: float,
         impressions_offset: int,
         *,
-        rereading_impressions: bool = False,
-        rereading_clicks: bool = False,
+        rereading_impressions: bool,
+        rereading_clicks: bool,
     ) -> None:
         """Restore from a checkpoint taken after ``impressions_offset``.
 
