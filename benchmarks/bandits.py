@@ -1,6 +1,6 @@
 """Bandit benchmark: learner throughput and regret on one shared synthetic stream.
 
-    python benchmarks/bandits.py [--quick] [--skip-learners]
+    python benchmarks/bandits.py [--quick] [--repeats N] [--skip-learners]
 
 Prints a table per section and writes ``benchmarks/results/bandits.json``. The
 script is a list of sections (``SECTIONS``); each is a function from the parsed
@@ -17,12 +17,17 @@ context-free learners have a best arm to find, while the contextual best arm
 per event is worth several times the mean CTR.
 Rewards use common random numbers (event t clicks iff ``u_t < p_t(arm)``), so
 every policy faces the same luck. Regret is expected regret: the best arm's
-click probability for that event minus the chosen arm's.
+click probability for that event minus the chosen arm's. Every timed run is
+repeated (``--repeats``, default 3) and the run with the median rate is reported
+beside all the rates: on a shared host the same code's speed drifts from run
+to run. The policies are seeded, so repeats choose the same arms.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import sys
@@ -109,6 +114,7 @@ class Run:
     seconds: float
     cpu_seconds: float
     regret: np.ndarray  # per-event expected regret
+    repeat_rates: tuple[float, ...] = ()  # events/s of every repeat (see ``median_run``)
 
     def row(self, horizon: int) -> dict[str, Any]:
         cumulative = float(self.regret.sum())
@@ -124,7 +130,15 @@ class Run:
             "cumulative_regret": round(cumulative, 3),
             "regret_per_event": round(cumulative / self.events, 6),
             f"regret_per_event_first_{horizon}": round(float(self.regret[:horizon].mean()), 6),
+            "events_per_s_repeats": [round(rate, 1) for rate in self.repeat_rates],
         }
+
+
+def median_run(measure: Callable[[], Run], repeats: int) -> Run:
+    """Call ``measure`` ``repeats`` times; the run with the median rate, holding every rate."""
+    runs = sorted((measure() for _ in range(repeats)), key=lambda run: run.seconds)
+    rates = tuple(run.events / run.seconds for run in runs)
+    return dataclasses.replace(runs[len(runs) // 2], repeat_rates=rates)
 
 
 # -- streamrec learners -------------------------------------------------------------
@@ -135,9 +149,13 @@ def run_online(name: str, stream: Stream, n: int) -> Run:
     learner = make_learner(name, dim=stream.X.shape[1], seed=SEED, **LEARNER_PARAMS[name])
     items = np.arange(N_ARMS, dtype=np.int64)
     chosen = np.empty(n, dtype=np.int64)
+    # Every candidate shares the event's context. Like a serving loop, the harness
+    # fills one buffer in place rather than allocating a matrix per event.
+    X = np.empty((N_ARMS, stream.X.shape[1])) if learner.needs_features else None
     start, cpu_start = time.perf_counter(), time.process_time()
     for t in range(n):
-        X = np.tile(stream.X[t], (N_ARMS, 1)) if learner.needs_features else None
+        if X is not None:
+            X[:] = stream.X[t]
         arm = int(learner.select(items, X, 1)[0])
         reward = 1.0 if stream.uniforms[t] < stream.probs[t, arm] else 0.0
         learner.update(
@@ -255,17 +273,18 @@ def learners_section(args: argparse.Namespace) -> dict[str, Any]:
         # Untimed warm-up: the first passes pay for imports and first-touch page faults.
         run_online(name, stream, 500)
         run_batched(name, stream, 3 * BATCH)
-        runs.append(run_online(name, stream, n))
-        runs.append(run_batched(name, stream, n))
+        runs.append(median_run(functools.partial(run_online, name, stream, n), args.repeats))
+        runs.append(median_run(functools.partial(run_batched, name, stream, n), args.repeats))
         _progress(runs[-2:])
     for kind in ("LinUCBDisjoint", "ThompsonSampling"):
         run_river(kind, stream, 100)
-        runs.append(run_river(kind, stream, n_river))
+        runs.append(median_run(functools.partial(run_river, kind, stream, n_river), args.repeats))
         _progress(runs[-1:])
     for kind in ("LinUCB", "ThompsonSampling"):
         try:
-            runs.append(run_mabwiser(kind, stream, n_mab_online, batch=1))
-            runs.append(run_mabwiser(kind, stream, n_mab_batched, batch=BATCH))
+            for events, batch in ((n_mab_online, 1), (n_mab_batched, BATCH)):
+                measure = functools.partial(run_mabwiser, kind, stream, events, batch)
+                runs.append(median_run(measure, args.repeats))
             _progress(runs[-2:])
         except Exception as exc:  # a broken optional library is reported, not fatal
             print(f"mabwiser {kind} failed: {exc!r}", file=sys.stderr)
@@ -312,6 +331,7 @@ def learners_section(args: argparse.Namespace) -> dict[str, Any]:
             "mabwiser_events": {"online": n_mab_online, "batched": n_mab_batched},
             "batch": BATCH,
             "seed": SEED,
+            "repeats": args.repeats,
             "learner_params": LEARNER_PARAMS,
         },
         "rows": rows,
@@ -322,8 +342,10 @@ def learners_section(args: argparse.Namespace) -> dict[str, Any]:
 
 def _progress(runs: list[Run]) -> None:
     for run in runs:
+        rates = ", ".join(f"{rate:,.0f}" for rate in run.repeat_rates)
         print(
-            f"  {run.library}/{run.learner} {run.mode}: {run.events / run.seconds:,.0f} events/s",
+            f"  {run.library}/{run.learner} {run.mode}: {run.events / run.seconds:,.0f} events/s "
+            f"(median of {rates})",
             file=sys.stderr,
         )
 
@@ -508,6 +530,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small event counts (smoke run)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs per policy; the median is reported"
+    )
     for name, _, _ in SECTIONS:
         parser.add_argument(f"--skip-{name}", action="store_true", help=f"skip the {name} section")
     args = parser.parse_args(argv)

@@ -16,7 +16,9 @@ generator was seeded with ``s``.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Self
 
@@ -36,6 +38,9 @@ _MIN_ROWS_PER_ARM = 16
 #: Batched updates sum statistics in blocks of this many rows, bounding the
 #: (rows, d, d) temporary of outer products.
 UPDATE_BLOCK = 4096
+#: Outer products are summed with one matrix product per group when groups
+#: average at least this many rows.
+_MIN_ROWS_PER_GROUP = 2
 #: Lookups of at most this many items are memoised (see ``ArmTable.lookup``).
 _LOOKUP_MEMO_ROWS = 1024
 
@@ -79,8 +84,21 @@ def group_rows(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return order, ordered[starts], starts
 
 
+def grouped_outer_sums(x: np.ndarray, z: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """``Σ x_i z_iᵀ`` over each group of consecutive rows; group ``g`` begins at ``starts[g]``.
+
+    Groups of a few rows or more take one matrix product each, which costs far
+    less than materialising every outer product; mostly single rows are summed
+    from their outer products.
+    """
+    if len(x) < _MIN_ROWS_PER_GROUP * len(starts):
+        return np.add.reduceat(x[:, :, None] * z[:, None, :], starts)
+    ends = [*starts[1:].tolist(), len(x)]
+    return np.stack([x[lo:hi].T @ z[lo:hi] for lo, hi in zip(starts.tolist(), ends, strict=True)])
+
+
 def arm_forms(
-    mats: np.ndarray, slots: np.ndarray, X: np.ndarray, run: slice | None = None
+    mats: np.ndarray, slots: np.ndarray, X: np.ndarray, run: SlotRun | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row, with ``M = mats[slots[i]]`` of shape (d, m ≥ d) and ``x = X[i]``:
     the quadratic form ``x @ M[:, :d] @ x`` (n,) and the linear forms ``x @ M[:, d:]`` (n, m - d).
@@ -92,8 +110,9 @@ def arm_forms(
     each over a candidate set) take one matrix product over contexts × arms;
     other large calls with many rows per arm do one product per arm, and the
     rest gather in cache-sized chunks, so no call copies a matrix per row into
-    one huge temporary. ``run``, when given, is ``slots`` as a slice
-    (:meth:`ArmTable.run_of`): small calls then read the matrices as a view.
+    one huge temporary. ``run``, when given, places ``slots`` on a run of table
+    rows (:meth:`ArmTable.run_of`): small calls then read the matrices as a view
+    and gather the rows of ``X`` instead, which are far smaller.
     """
     n, d = X.shape
     m = mats.shape[-1]
@@ -183,17 +202,38 @@ def _projection(d: int) -> np.ndarray:
 
 
 def _gathered_forms(
-    mats: np.ndarray, slots: np.ndarray, X: np.ndarray, run: slice | None = None
+    mats: np.ndarray, slots: np.ndarray, X: np.ndarray, run: SlotRun | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     d = X.shape[1]
-    rows = mats[run] if run is not None else mats.take(slots, axis=0)
+    if run is None:
+        rows = mats.take(slots, axis=0)
+    else:
+        rows = mats[run.rows]
+        if run.by_slot is not None:
+            X = X.take(run.by_slot, axis=0)
     products = np.matmul(X[:, None, :], rows)[:, 0, :]
-    return row_dots(products[:, :d], X), products[:, d:]
+    quadratic, linear = row_dots(products[:, :d], X), products[:, d:]
+    if run is not None and run.rank is not None:
+        return quadratic[run.rank], linear[run.rank]
+    return quadratic, linear
 
 
 def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise dot products of two (n, d) real arrays."""
     return np.vecdot(a, b)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotRun:
+    """Slots that are table rows ``rows``, each exactly once, in any order.
+
+    ``by_slot`` lists the positions of the slots in slot order, and ``rank[i]`` is
+    slot ``i``'s place in the run; both are None when the slots are in order.
+    """
+
+    rows: slice
+    by_slot: np.ndarray | None
+    rank: np.ndarray | None
 
 
 class ArmTable:
@@ -218,9 +258,10 @@ class ArmTable:
         self._labels = np.empty(capacity, dtype=np.int64)
         self._sorted_labels = np.empty(0, dtype=np.int64)
         self._sorted_slots = np.empty(0, dtype=np.intp)
+        self._slot_by_label: dict[int, int] = {}
         self._memo_key: bytes | None = None
         self._memo_slots = np.empty(0, dtype=np.intp)
-        self._memo_run: slice | None = None
+        self._memo_run: SlotRun | None = None
         self.arrays: dict[str, np.ndarray] = {
             name: self._prior_rows(value, capacity + 1) for name, value in self._prior.items()
         }
@@ -257,23 +298,18 @@ class ArmTable:
             slots = np.where(self._sorted_labels[pos] == items, self._sorted_slots[pos], 0)
         slots.flags.writeable = False
         self._memo_key, self._memo_slots, self._memo_run = key, slots, None
-        if key is not None and len(slots) and slots[0] > 0:
-            run = slice(int(slots[0]), int(slots[0]) + len(slots))
-            if np.array_equal(slots, np.arange(run.start, run.stop)):
-                self._memo_run = run
+        if key is not None and len(slots):
+            self._memo_run = _slot_run(slots)
         return slots
 
-    def run_of(self, slots: np.ndarray) -> slice | None:
-        """``slots`` as a slice if they are the last lookup's and consecutive (e.g. every
-        arm in registration order), so arrays can be read as views instead of gathered."""
+    def run_of(self, slots: np.ndarray) -> SlotRun | None:
+        """Where ``slots`` lie, if they are the last lookup's and fill a run of rows in any
+        order (e.g. every arm), so arrays can be read as views instead of gathered."""
         return self._memo_run if slots is self._memo_slots else None
 
     def slot_of(self, label: int) -> int:
         """Slot of one label, 0 if it is not registered (the one-event fast path)."""
-        pos = int(self._sorted_labels.searchsorted(label))
-        if pos < self._size and self._sorted_labels[pos] == label:
-            return int(self._sorted_slots[pos])
-        return 0
+        return self._slot_by_label.get(label, 0)
 
     def ensure(self, items: np.ndarray) -> np.ndarray:
         """Slot of each item, registering the items not seen before."""
@@ -297,6 +333,9 @@ class ArmTable:
                 bigger[: self._size + 1] = array[: self._size + 1]
                 self.arrays[name] = bigger
         self._labels[self._size : needed] = labels
+        self._slot_by_label.update(
+            zip(labels.tolist(), range(self._size + 1, needed + 1), strict=True)
+        )
         self._size = needed
         order = np.argsort(self._labels[:needed], kind="stable")
         self._sorted_labels = self._labels[order]
@@ -309,6 +348,22 @@ class ArmTable:
         self._append(labels)
         for name, values in arrays.items():
             self.arrays[name][start : start + len(labels)] = values
+
+
+def _slot_run(slots: np.ndarray) -> SlotRun | None:
+    """``slots`` as a :class:`SlotRun`, or None if they are not one run of rows, each once."""
+    n = len(slots)
+    start = int(slots.min())
+    if int(slots.max()) - start + 1 != n:
+        return None
+    rank = slots - start
+    by_slot = np.argsort(rank)
+    in_run = np.arange(n)
+    if not np.array_equal(rank[by_slot], in_run):
+        return None  # a repeated slot leaves a gap elsewhere
+    if np.array_equal(by_slot, in_run):
+        return SlotRun(slice(start, start + n), None, None)
+    return SlotRun(slice(start, start + n), by_slot, rank)
 
 
 class BanditLearner(abc.ABC):
@@ -414,20 +469,27 @@ class BanditLearner(abc.ABC):
         rewards = np.asarray(rewards, dtype=np.float64)
         if rewards.shape != items.shape:
             raise ValueError(f"rewards must have shape {items.shape}, got {rewards.shape}")
-        if not np.isfinite(rewards).all():
+        if len(items) == 1:
+            # The online case: plain Python scalars cost far less than array operations.
+            reward = float(rewards[0])
+            self._check_rewards(reward, reward)
+            slot = self._table.slot_of(int(items[0])) or int(self._table.ensure(items)[0])
+            self._update_one(slot, None if features is None else features[0], reward)
+        elif len(items):
+            self._check_rewards(float(rewards.min()), float(rewards.max()))
+            self._update(self._table.ensure(items), features, rewards)
+
+    def _check_rewards(self, smallest: float, largest: float) -> None:
+        """ValueError unless every reward is finite and in range, judged by the extremes.
+
+        NaN propagates through ``min``/``max``, so finite extremes mean finite rewards.
+        """
+        if not (math.isfinite(smallest) and math.isfinite(largest)):
             raise ValueError("rewards must be finite")
-        if len(items) == 0:
-            return
         if self._reward_range is not None:
             low, high = self._reward_range
-            if ((rewards < low) | (rewards > high)).any():
+            if smallest < low or largest > high:
                 raise ValueError(f"{self.name} rewards must lie in [{low}, {high}]")
-        if len(items) == 1:
-            label = int(items[0])
-            slot = self._table.slot_of(label) or int(self._table.ensure(items)[0])
-            self._update_one(slot, None if features is None else features[0], float(rewards[0]))
-        else:
-            self._update(self._table.ensure(items), features, rewards)
 
     def _update_one(self, slot: int, x: np.ndarray | None, reward: float) -> None:
         """One event; learners with a cheaper rank-one path override this."""

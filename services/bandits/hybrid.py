@@ -28,6 +28,7 @@ from services.bandits.base import (
     arm_forms,
     dimension,
     group_rows,
+    grouped_outer_sums,
     positive,
     row_dots,
 )
@@ -121,8 +122,8 @@ class HybridLinUCB(BanditLearner):
             order, arms, starts = group_rows(slots[block])
             rows, r = X[block][order], rewards[block][order]
             x, z = rows[:, :d], rows[:, d:]
-            arrays["gram"][arms] += np.add.reduceat(x[:, :, None] * x[:, None, :], starts)
-            arrays["cross"][arms] += np.add.reduceat(x[:, :, None] * z[:, None, :], starts)
+            arrays["gram"][arms] += grouped_outer_sums(x, x, starts)
+            arrays["cross"][arms] += grouped_outer_sums(x, z, starts)
             arrays["b"][arms] += np.add.reduceat(r[:, None] * x, starts)
             arrays["counts"][arms] += np.diff(starts, append=len(order))
             self._shared_gram += z.T @ z

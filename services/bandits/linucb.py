@@ -14,11 +14,16 @@ import numpy as np
 from services.bandits.base import (
     UPDATE_BLOCK,
     BanditLearner,
+    State,
     arm_forms,
     dimension,
     group_rows,
+    grouped_outer_sums,
     positive,
 )
+
+#: Online updates queue this many events before summing them into the statistics.
+_QUEUE_ROWS = 256
 
 
 class DisjointRidge(BanditLearner):
@@ -27,8 +32,10 @@ class DisjointRidge(BanditLearner):
     Derived per arm: ``[A_a⁻¹ | θ_a]`` with ``A_a = λI + G_a`` and
     ``θ_a = A_a⁻¹ b_a``, side by side so one product ``x @ [A⁻¹ | θ]`` gives
     both the mean ``xᵀθ`` and the width ``√(xᵀA⁻¹x)``. One event updates
-    ``A⁻¹`` by Sherman–Morrison (O(d²)); a batch sums the statistics per arm and
-    re-inverts the arms it touched in one call.
+    ``[A⁻¹ | θ]`` by Sherman–Morrison (O(d²)) and queues itself for the
+    statistics, which are summed a block of events at a time (before any read);
+    a batch sums the statistics per arm and re-inverts the arms it touched in one
+    call.
     """
 
     needs_features: ClassVar[bool] = True
@@ -38,6 +45,11 @@ class DisjointRidge(BanditLearner):
         self.dim = dimension("dim", dim)
         self.ridge = positive("ridge", ridge)
         super().__init__(seed=seed)
+        # Online events, queued for the statistics (see ``_update_one``).
+        self._queue_slots = np.empty(_QUEUE_ROWS, dtype=np.intp)
+        self._queue_x = np.empty((_QUEUE_ROWS, self.dim))
+        self._queue_rewards = np.empty(_QUEUE_ROWS)
+        self._queued = 0
 
     @property
     def n_features(self) -> int:
@@ -64,34 +76,53 @@ class DisjointRidge(BanditLearner):
 
     def _update(self, slots: np.ndarray, X: np.ndarray | None, rewards: np.ndarray) -> None:
         assert X is not None
+        self._settle()
+        self._refresh(self._add_statistics(slots, X, rewards))
+
+    def _add_statistics(self, slots: np.ndarray, X: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+        """Sum rows into ``G``, ``b`` and the counts of their arms; returns the arms touched."""
         arrays = self._table.arrays
         touched = []
         for lo in range(0, len(slots), UPDATE_BLOCK):
             block = slice(lo, lo + UPDATE_BLOCK)
             order, arms, starts = group_rows(slots[block])
             x, r = X[block][order], rewards[block][order]
-            arrays["gram"][arms] += np.add.reduceat(x[:, :, None] * x[:, None, :], starts)
+            arrays["gram"][arms] += grouped_outer_sums(x, x, starts)
             arrays["b"][arms] += np.add.reduceat(r[:, None] * x, starts)
             arrays["counts"][arms] += np.diff(starts, append=len(order))
             touched.append(arms)
-        self._refresh(np.unique(np.concatenate(touched)))
+        return np.unique(np.concatenate(touched))
 
     def _update_one(self, slot: int, x: np.ndarray | None, reward: float) -> None:
         assert x is not None
-        arrays = self._table.arrays
-        proj = arrays["proj"][slot]
+        proj = self._table.arrays["proj"][slot]
         d = self.dim
         # One product gives v = A⁻¹x (A⁻¹ is symmetric) and the prediction xᵀθ.
         u = x @ proj
         v = u[:d]
         # Sherman–Morrison, (A + x xᵀ)⁻¹ = A⁻¹ − v vᵀ / (1 + xᵀv), and the matching
         # recursive least-squares step θ ← θ − v (xᵀθ − r) / (1 + xᵀv): one rank-one update.
-        u[d] -= reward
-        proj -= v[:, None] * (u / (1.0 + x @ v))
-        arrays["gram"][slot] += x[:, None] * x
         if reward:
-            arrays["b"][slot] += reward * x
-        arrays["counts"][slot] += 1
+            u[d] -= reward
+        proj -= v[:, None] * (u / (1.0 + float(x @ v)))
+        # Scoring reads only [A⁻¹ | θ]; the event joins the queue for the statistics.
+        queued = self._queued
+        self._queue_slots[queued] = slot
+        self._queue_x[queued] = x
+        self._queue_rewards[queued] = reward
+        self._queued = queued + 1
+        if self._queued == _QUEUE_ROWS:
+            self._settle()
+
+    def state(self) -> State:
+        self._settle()
+        return super().state()
+
+    def _settle(self) -> None:
+        """Sum the queued online events into the statistics."""
+        if self._queued:
+            n, self._queued = self._queued, 0
+            self._add_statistics(self._queue_slots[:n], self._queue_x[:n], self._queue_rewards[:n])
 
     def _refresh(self, slots: np.ndarray) -> None:
         """Recompute ``[A⁻¹ | θ]`` of the given slots from their statistics."""

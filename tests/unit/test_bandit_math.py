@@ -11,6 +11,7 @@ from services.bandits.base import (
     _shared_context_forms,
     arm_forms,
     group_rows,
+    grouped_outer_sums,
     row_dots,
     top_k,
 )
@@ -59,6 +60,22 @@ def test_group_rows_keeps_event_order_within_each_arm():
     assert order.tolist() == [1, 4, 3, 0, 2, 5]
 
 
+@pytest.mark.parametrize("n_groups", [3, 40], ids=["matrix-products", "outer-products"])
+def test_grouped_outer_sums_sum_each_group(n_groups):
+    """Few groups of many rows take one product per group, many small groups the outer
+    products; both give the per-group sums."""
+    rng = np.random.default_rng(n_groups)
+    x, z = rng.normal(size=(50, 4)), rng.normal(size=(50, 3))
+    starts = np.sort(rng.choice(np.arange(1, 50), size=n_groups - 1, replace=False))
+    starts = np.concatenate([[0], starts])
+    ends = [*starts[1:], 50]
+    expected = [
+        sum(np.outer(x[i], z[i]) for i in range(lo, hi))
+        for lo, hi in zip(starts, ends, strict=True)
+    ]
+    np.testing.assert_allclose(grouped_outer_sums(x, z, starts), expected, rtol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("n_rows", "n_arms", "shared"),
     [(20, 30, False), (3_000, 30, False), (3_000, 2_000, False), (3_000, 40, True)],
@@ -83,6 +100,38 @@ def test_arm_forms_agree_with_a_direct_computation(n_rows, n_arms, shared):
     quadratic, linear = arm_forms(mats, slots, X)
     np.testing.assert_allclose(quadratic, row_dots(products[:, :d], X), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(linear, products[:, d:], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("labels", "candidates", "kind"),
+    [
+        ([5, 6, 7, 8], [5, 6, 7, 8], "in order"),
+        ([5, 6, 7, 8], [7, 5, 8, 6], "permuted"),
+        ([5, 6, 7, 8], [6, 9, 5], "with the prior row"),
+        ([5, 6, 7, 8], [6, 6, 7], "repeated"),
+        ([5, 6, 7, 8], [5, 7, 8], "gap"),
+    ],
+)
+def test_lookups_on_a_run_of_rows_read_views_with_the_same_results(labels, candidates, kind):
+    """A candidate set that covers a run of table rows, in any order, is read from a view
+    of the matrices (gathering X instead); every other set is gathered. Both agree."""
+    table = ArmTable({"mats": np.zeros((3, 5))})
+    table.ensure(np.array(labels, dtype=np.int64))
+    rng = np.random.default_rng(len(candidates))
+    mats = table.arrays["mats"]
+    mats[:] = rng.normal(size=mats.shape)
+    mats[:, :, :3] += np.swapaxes(mats[:, :, :3], 1, 2)
+    slots = table.lookup(np.array(candidates, dtype=np.int64))
+    run = table.run_of(slots)
+    is_run = kind in ("in order", "permuted", "with the prior row")
+    assert (run is not None) == is_run
+    if run is not None:
+        assert (run.rank is None) == (kind == "in order")
+    X = rng.normal(size=(len(candidates), 3))
+    expected = arm_forms(mats, slots, X)
+    found = arm_forms(mats, slots, X, run)
+    np.testing.assert_allclose(found[0], expected[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(found[1], expected[1], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("sizes", [[4, 4, 4], [3, 5, 1, 2]], ids=["regular", "irregular"])

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.bandits import LinUCB
+from services.bandits import LinearThompson, LinUCB
+from services.bandits.linucb import _QUEUE_ROWS
 
 
 class ReferenceLinUCB:
@@ -129,3 +130,23 @@ def test_select_takes_the_reference_argmax():
         arms = np.arange(6, dtype=np.int64) * 10 + 3
         context = np.tile(rng.normal(size=dim), (6, 1))
         assert learner.select(arms, context, k=1)[0] == reference.score(arms, context).argmax()
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+def test_queued_online_statistics_reach_every_read_and_batch(cls):
+    """Single updates queue their statistics; state() and a later batch see all of them."""
+    dim, n_single = 5, 2 * _QUEUE_ROWS + 88
+    rng = np.random.default_rng(11)
+    items, X, rewards = random_feedback(rng, n_single + 100, dim, n_arms=6)
+    online, batched = cls(dim, seed=0), cls(dim, seed=0)
+    for i in range(n_single):
+        online.update(items[i : i + 1], X[i : i + 1], rewards[i : i + 1])
+    midway = online.state()
+    online.update(items[n_single:], X[n_single:], rewards[n_single:])
+    batched.update(items[:n_single], X[:n_single], rewards[:n_single])
+    for name, array in batched.state().items():
+        np.testing.assert_allclose(midway[name], array, rtol=1e-9, atol=1e-12, err_msg=name)
+    batched.update(items[n_single:], X[n_single:], rewards[n_single:])
+    for name, array in batched.state().items():
+        np.testing.assert_allclose(online.state()[name], array, rtol=1e-9, atol=1e-12)
+    assert online.state()["counts"].sum() == n_single + 100
