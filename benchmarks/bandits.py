@@ -394,8 +394,10 @@ def freshness_section(args: argparse.Namespace) -> dict[str, Any]:
     from kafka import KafkaProducer
 
     from contracts.events import Feedback, encode, feedback_id
+    from services.common.topics import ensure_topics
     from services.paramstore import ModelNotFound, ParamStore
-    from services.stack.servers import ensure_topics, start_broker, start_redis
+    from services.stack.kafka import start_broker
+    from services.stack.servers import start_redis
 
     rate, seconds = 5000.0, (5.0 if args.quick else 20.0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -293,7 +293,9 @@ def print_publish(result: dict[str, Any]) -> None:
 def freshness_section(args: argparse.Namespace) -> dict[str, Any]:
     from kafka import KafkaProducer
 
-    from services.stack.servers import ensure_topics, start_broker, start_redis
+    from services.common.topics import ensure_topics
+    from services.stack.kafka import start_broker
+    from services.stack.servers import start_redis
 
     rate = 2_000
     seconds = 10 if args.quick else 30

@@ -2,7 +2,7 @@
 
 Run: python benchmarks/ingest.py [--events N]; prints a table and writes
 benchmarks/results/ingest.json. Everything runs on this machine against the
-embedded broker (Tansu) and redis-server, like the tests.
+embedded Apache Kafka and redis-server, like the tests.
 
 1. raw: kafka-python fetching and ``json.loads``-ing every record (the ceiling);
 2. runtime: ``ConsumerRuntime`` doing decode + validate (msgspec contracts) + a
@@ -44,7 +44,9 @@ from services.common import (  # noqa: E402
     RuntimeSettings,
     TopicSettings,
 )
-from services.stack.servers import ensure_topics, free_port, start_broker, start_redis  # noqa: E402
+from services.common.topics import ensure_topics  # noqa: E402
+from services.stack.kafka import start_broker  # noqa: E402
+from services.stack.servers import free_port, start_redis  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "ingest.json"
 PARTITIONS = 4
@@ -130,9 +132,7 @@ def runtime_for(
         group=group,
         inputs={topic: decode_click},
         processor=processor,
-        kafka=KafkaSettings(
-            bootstrap_servers=bootstrap, max_poll_interval_ms=3000, session_timeout_ms=3000
-        ),
+        kafka=KafkaSettings(bootstrap_servers=bootstrap),
         redis_settings=RedisSettings(url=redis_url, namespace="bench"),
         topics=TopicSettings(dead_letter=f"{topic}-dlq"),
         settings=RuntimeSettings(checkpoint_interval_s=1.0, max_batch=5000),

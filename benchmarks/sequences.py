@@ -6,10 +6,12 @@ mixes: ``sparse`` (about one click per user per batch, the worst case) and
 ``dense`` (about ten). Each run applies half the clicks to new users (cold), the
 other half to the same users (warm, the steady state), then all of them again
 (a redelivery after a crash). Kafka is not involved: this is the write path's
-ceiling. Uses an embedded redis-server, or ``REDIS_URL`` if set.
+ceiling. Uses an embedded redis-server (``--cluster``: an embedded 3-master Redis
+Cluster), or ``REDIS_URL`` if set (a ``redis+cluster://`` URL for a cluster).
 
-Run: ``python -m benchmarks.sequences [--clicks N] [--repeats R]``. Prints JSON lines and
-writes ``benchmarks/results/sequences.json``.
+Run: ``python -m benchmarks.sequences [--clicks N] [--repeats R] [--cluster]``. Prints
+JSON lines and writes ``benchmarks/results/sequences.json`` (``sequences-cluster.json``
+with ``--cluster``).
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ import zlib
 from pathlib import Path
 
 import redis
+from redis.cluster import RedisCluster
 
 from contracts.events import Click
 from contracts.keys import KeySpace
+from services.common.clients import redis_from_url
 from services.common.runtime import Record
 from services.sequences.store import SequenceStore
-from services.stack.servers import start_redis
+from services.stack.redis_cluster import EmbeddedRedisCluster, start_redis_cluster
+from services.stack.servers import EmbeddedRedis, start_redis
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sequences.json"
 BATCH = 5_000
@@ -64,7 +69,7 @@ def _rate(store: SequenceStore, records: list[Record]) -> float:
     return len(records) / (time.perf_counter() - started)
 
 
-def run_once(client: redis.Redis, clicks: int, users: int) -> dict[str, float]:
+def run_once(client: redis.Redis | RedisCluster, clicks: int, users: int) -> dict[str, float]:
     """Clicks/s for new users (cold), existing ones (warm), and a redelivery."""
     keys = KeySpace(f"bench{uuid.uuid4().hex[:8]}")
     store = SequenceStore(client, keys=keys)
@@ -83,7 +88,7 @@ def run_once(client: redis.Redis, clicks: int, users: int) -> dict[str, float]:
 
 
 def run(url: str, clicks: int, repeats: int) -> list[dict[str, object]]:
-    client = redis.Redis.from_url(url)
+    client = redis_from_url(url)
     results: list[dict[str, object]] = []
     try:
         for mix, users in MIXES.items():
@@ -109,20 +114,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clicks", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--cluster", action="store_true", help="embedded 3-master Redis Cluster instead"
+    )
     args = parser.parse_args()
     if url := os.environ.get("REDIS_URL"):
         results = run(url, args.clicks, args.repeats)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            server = start_redis(Path(tmp))
+            server: EmbeddedRedis | EmbeddedRedisCluster = (
+                start_redis_cluster(Path(tmp)) if args.cluster else start_redis(Path(tmp))
+            )
             try:
                 results = run(server.url, args.clicks, args.repeats)
             finally:
                 server.stop()
     for result in results:
         print(json.dumps(result))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    path = RESULTS.with_name("sequences-cluster.json") if args.cluster else RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ published; the report counts failed queries (must be 0) and the swap time
 (pointer seen → new index serving, the ``streamrec_index_swap_duration_seconds``
 histogram).
 
-Uses an embedded Tansu broker and redis-server. Vectors are synthetic (clustered,
+Uses the embedded Apache Kafka and redis-server. Vectors are synthetic (clustered,
 normalised, 32-d), so the numbers measure the machinery, not embedding quality.
 
 Run: ``python -m benchmarks.serving [--requests N] [--skip-1m]``. Prints JSON lines
@@ -55,6 +55,7 @@ from services.bandits.features import policy_features
 from services.bandits.service import DEFAULT_POLICIES, BanditsSettings, build_learner
 from services.common.runtime import Record
 from services.common.settings import KafkaSettings, TopicSettings
+from services.common.topics import ensure_topics
 from services.drn.service import DRNSettings
 from services.gateway.sdk import EventProducer
 from services.index import IndexSpec, ReloadableIndex, SnapshotStore, build_index, publish
@@ -68,7 +69,8 @@ from services.serving.recommender import (
     Recommender,
     RecommenderConfig,
 )
-from services.stack.servers import ensure_topics, start_broker, start_redis
+from services.stack.kafka import start_broker
+from services.stack.servers import start_redis
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serving.json"
 DIM = 32

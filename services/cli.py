@@ -55,10 +55,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_topics(args: argparse.Namespace) -> int:
     from services.common.settings import KafkaSettings, TopicSettings
-    from services.stack.servers import ensure_topics
+    from services.common.topics import create_topics
 
     topics = TopicSettings()
-    ensure_topics(KafkaSettings().admin(), topics.all())
+    create_topics(KafkaSettings(), topics)
     print("topics ready:", ", ".join(sorted(topics.all())))
     return 0
 

@@ -1,7 +1,7 @@
-"""Session fixtures: a real Kafka-protocol broker and a real Redis.
+"""Session fixtures: a real Apache Kafka broker and a real Redis.
 
-By default both are embedded (Tansu and redis-server on loopback) and started
-once per session. ``STREAMREC_KAFKA=host:port`` and ``STREAMREC_REDIS=redis://...``
+By default both are embedded (a single-node KRaft Apache Kafka and redis-server
+on loopback, see services/stack) and started once per session. ``STREAMREC_KAFKA=host:port`` and ``STREAMREC_REDIS=redis://...``
 point the same tests at existing servers instead.
 """
 
@@ -16,7 +16,9 @@ import pytest
 import redis
 
 from contracts.keys import KeySpace
-from services.stack.servers import ensure_topics, start_broker, start_redis
+from services.common.topics import ensure_topics
+from services.stack.kafka import start_broker
+from services.stack.servers import start_redis
 
 
 @pytest.fixture(scope="session")

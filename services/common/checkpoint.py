@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import redis
+from redis.cluster import RedisCluster
 
 from contracts.keys import KeySpace
 
@@ -96,7 +97,7 @@ class Checkpoint:
 class CheckpointStore:
     """Reads, claims and writes one consumer group's checkpoints."""
 
-    def __init__(self, client: redis.Redis, keys: KeySpace, group: str) -> None:
+    def __init__(self, client: redis.Redis | RedisCluster, keys: KeySpace, group: str) -> None:
         self._redis = client
         self._keys = keys
         self.group = group

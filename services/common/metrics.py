@@ -50,7 +50,7 @@ class ConsumerMetrics:
         )
         self.lag = Gauge(
             "streamrec_consumer_lag_records",
-            "End offset minus consumed position, per partition (never negative).",
+            "High watermark of the last fetch minus the consumed position, per partition.",
             ["service", "topic", "partition"],
             registry=registry,
         )
@@ -70,6 +70,19 @@ class ConsumerMetrics:
         self.checkpoint_failures = Counter(
             "streamrec_consumer_checkpoint_failures_total",
             "Checkpoints that could not be written (Redis unreachable, ...).",
+            ["service"],
+            registry=registry,
+        )
+        self.send_failures = Counter(
+            "streamrec_consumer_send_failures_total",
+            "Emitted or dead-lettered records Kafka did not acknowledge (the service then "
+            "exits without checkpointing their input, and a restart re-emits them).",
+            ["service"],
+            registry=registry,
+        )
+        self.poll_errors = Counter(
+            "streamrec_consumer_poll_errors_total",
+            "Polls that failed on a retriable Kafka error (broker unreachable, ...); retried.",
             ["service"],
             registry=registry,
         )

@@ -33,15 +33,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
+from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
 from contracts.events import EventError
 from services.common import clients
 from services.common.checkpoint import Checkpoint, CheckpointStore, Fenced
+from services.common.errors import StreamrecError
 from services.common.metrics import ConsumerMetrics
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
 
@@ -77,6 +78,15 @@ class Rejection:
     reason: str
 
 
+class SendFailed(StreamrecError):
+    """Records this process emitted or dead-lettered were not acknowledged by Kafka.
+
+    Raised before a checkpoint: the batches that produced them are not
+    checkpointed, so a restart re-reads them and emits them again (with the same
+    sequence numbers, so consumers that already have them drop the repeats).
+    """
+
+
 class Context:
     """What a processor may do besides changing its own state: emit records."""
 
@@ -101,10 +111,14 @@ class Context:
         self._runtime._emit(topic, value, key, source_partition, partition, headers)
 
     def emit_control(self, topic: str, partition: int, value: bytes) -> None:
-        """Append a control record (e.g. a watermark) to a partition of an input topic."""
+        """Append a control record (e.g. a watermark) to a partition of an input topic.
+
+        A control record that fails to reach Kafka is only logged: state changes
+        when a control record is consumed, not when it is sent, so nothing is lost.
+        """
         self._runtime._producer().send(
             topic, value=value, partition=partition, headers=[(CONTROL_HEADER, b"1")]
-        )
+        ).add_errback(lambda exc: log.warning("control record to %s failed: %s", topic, exc))
 
     def request_checkpoint(self) -> None:
         """Ask for a checkpoint after the current batch (e.g. before publishing)."""
@@ -221,6 +235,9 @@ class ConsumerRuntime:
         self._last_checkpoint = self.clock()
         self._last_lag = 0.0
         self._failed = False
+        self.partition_counts: dict[str, int] = {}
+        #: Records emitted or dead-lettered since the last checkpoint, until Kafka acks them.
+        self._sends: list[FutureRecordMetadata] = []
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -246,15 +263,40 @@ class ConsumerRuntime:
         """Join the consumer group (what :meth:`run` starts with; a caller that
         drives :meth:`poll_once` itself calls this, then :meth:`close`)."""
         self._consumer = clients.consumer(self.kafka, self.group)
+        # Known partitions before joining: a group leader without them assigns none
+        # and only notices at its next metadata refresh (minutes later).
+        self.partition_counts = {topic: self._partitions_of(topic) for topic in self.inputs}
         self._consumer.subscribe(list(self.inputs), listener=_Rebalance(self))
         log.info("%s consuming %s as group %s", self.service, list(self.inputs), self.group)
+
+    def _partitions_of(self, topic: str, timeout_s: float = 30.0) -> int:
+        """The partition count of an input topic; an error if it does not appear in time."""
+        assert self._consumer is not None
+        deadline = time.monotonic() + timeout_s
+        while not (parts := self._consumer.partitions_for_topic(topic)):
+            if time.monotonic() > deadline:
+                raise KafkaError(
+                    f"input topic {topic!r} does not exist (create it: streamrec topics)"
+                )
+            time.sleep(0.1)
+        return len(parts)
 
     def poll_once(self) -> int:
         """One iteration of the loop; returns the number of records polled."""
         assert self._consumer is not None
-        polled = self._consumer.poll(
-            timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_batch
-        )
+        try:
+            polled = self._consumer.poll(
+                timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_batch
+            )
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise
+            # The broker is unreachable (restarting, failing over): nothing was consumed,
+            # so nothing is lost by polling again after a pause.
+            self.metrics.poll_errors.labels(self.service).inc()
+            log.warning("poll failed (will retry): %s", exc)
+            self.stopping.wait(self.settings.poll_timeout_ms / 1000)
+            polled = {}
         count = sum(len(batch) for batch in polled.values())
         if count:
             started = time.perf_counter()
@@ -372,9 +414,36 @@ class ConsumerRuntime:
             (SOURCE_HEADER, f"{self.group}:{source_partition}".encode()),
             (SEQ_HEADER, str(seq).encode()),
         ]
-        self._producer().send(
-            topic, value=value, key=key, partition=partition, headers=[*headers, *stamp]
-        )
+        self._send(topic, value=value, key=key, partition=partition, headers=[*headers, *stamp])
+
+    def _send(self, topic: str, **record: Any) -> None:
+        self._sends.append(self._producer().send(topic, **record))
+
+    def _await_sends(self) -> None:
+        """Block until Kafka has acknowledged every record sent since the last checkpoint
+        (each fails after ``delivery_timeout_ms`` at most); raise :class:`SendFailed`
+        if any failed, so that no checkpoint covers the input that produced them."""
+        if not self._sends:
+            return
+        assert self._producer_client is not None
+        deadline = time.monotonic() + self.kafka.delivery_timeout_ms / 1000 + 5
+        try:
+            self._producer_client.flush()
+        except KafkaError as exc:  # each record's own outcome decides, below
+            log.warning("flush before checkpoint: %s", exc)
+        failed: list[KafkaError] = []
+        for future in self._sends:
+            try:
+                future.get(timeout=max(0.0, deadline - time.monotonic()))
+            except KafkaError as exc:
+                failed.append(exc)
+        self._sends = []
+        if failed:
+            self.metrics.send_failures.labels(self.service).inc(len(failed))
+            raise SendFailed(
+                f"{len(failed)} records were not acknowledged by Kafka "
+                f"(first: {failed[0]}); not checkpointing their input"
+            )
 
     def _partition_count(self, topic: str) -> int:
         parts = self._producer().partitions_for(topic)
@@ -386,7 +455,7 @@ class ConsumerRuntime:
         """Send the original bytes to the dead-letter topic with reason and source."""
         self.metrics.dead_letters.labels(self.service, _reason_category(reason)).inc()
         log.warning("dead-letter %s[%d]@%d: %s", raw.topic, raw.partition, raw.offset, reason[:200])
-        self._producer().send(
+        self._send(
             self.topics.dead_letter,
             key=raw.key,
             value=raw.value if isinstance(raw.value, bytes) else raw.raw,
@@ -414,10 +483,9 @@ class ConsumerRuntime:
         if not targets:
             return True
         started = time.perf_counter()
-        if self._producer_client is not None:
-            # Emitted and dead-lettered records must be durable before the offsets
-            # that produced them are: otherwise a crash would lose them.
-            self._producer_client.flush(timeout=30)
+        # Emitted and dead-lettered records must be in Kafka before the offsets that
+        # produced them are checkpointed: otherwise a crash would lose them.
+        self._await_sends()
         for partition in targets:
             self._owned[partition].state = self.processor.snapshot(partition)
         try:
@@ -425,7 +493,7 @@ class ConsumerRuntime:
         except Fenced as exc:
             self._fenced(exc.partitions)
             return False
-        except redis.RedisError as exc:
+        except clients.REDIS_ERRORS as exc:
             self.metrics.checkpoint_failures.labels(self.service).inc()
             log.error("checkpoint failed (will retry): %s", exc)
             return False
@@ -518,8 +586,8 @@ class ConsumerRuntime:
 
     def _update_lag(self) -> None:
         """Lag of each partition consumed so far, from the high watermark its last fetch
-        response carried: no request of its own (a ListOffsets request, what
-        ``end_offsets`` sends, costs the embedded broker time in proportion to the log)."""
+        response carried: no request of its own (``end_offsets`` would send a
+        ListOffsets request per call)."""
         if self._consumer is None:
             return
         assigned = self._consumer.assignment()
@@ -527,5 +595,4 @@ class ConsumerRuntime:
             end = self._consumer.highwater(tp) if tp in assigned else None
             if end is None:
                 continue  # no fetch answered for it yet
-            lag = max(0, end - position)
-            self.metrics.lag.labels(self.service, tp.topic, str(tp.partition)).set(lag)
+            self.metrics.lag.labels(self.service, tp.topic, str(tp.partition)).set(end - position)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.keys import KeySpace
@@ -43,20 +43,26 @@ class KafkaSettings(BaseSettings):
     """``KAFKA_SSL_KEYFILE``: client key for mutual TLS."""
     client_id: str = "streamrec"
     """``KAFKA_CLIENT_ID``."""
-    fetch_max_wait_ms: int = Field(10, ge=5)
-    """``KAFKA_FETCH_MAX_WAIT_MS``: 5-10 ms keeps latency low (values <= 2 stall Tansu)."""
-    max_poll_interval_ms: int = 10_000
-    """``KAFKA_MAX_POLL_INTERVAL_MS``: also bounds how long a group join takes on Tansu."""
-    session_timeout_ms: int = 6_000
-    """``KAFKA_SESSION_TIMEOUT_MS``."""
-    heartbeat_interval_ms: int = 1_000
-    """``KAFKA_HEARTBEAT_INTERVAL_MS``."""
+    fetch_max_wait_ms: int = Field(500, ge=0)
+    """``KAFKA_FETCH_MAX_WAIT_MS``: how long the broker holds a fetch that finds no data
+    (Kafka's default; a fetch that finds data returns at once, so this costs no latency)."""
+    max_poll_interval_ms: int = Field(300_000, ge=1)
+    """``KAFKA_MAX_POLL_INTERVAL_MS``: a consumer that does not poll for this long leaves
+    its group (Kafka's default; a batch takes milliseconds, a DRN major update < 1 s)."""
+    session_timeout_ms: int = Field(10_000, ge=1)
+    """``KAFKA_SESSION_TIMEOUT_MS``: a crashed consumer's partitions move after this long."""
+    heartbeat_interval_ms: int = Field(3_000, ge=1)
+    """``KAFKA_HEARTBEAT_INTERVAL_MS``: at most a third of the session timeout."""
     max_partition_fetch_bytes: int = 4 * 1024 * 1024
     """``KAFKA_MAX_PARTITION_FETCH_BYTES``."""
     linger_ms: int = 2
     """``KAFKA_LINGER_MS``: producer batching delay."""
     request_timeout_ms: int = 30_000
     """``KAFKA_REQUEST_TIMEOUT_MS``."""
+    delivery_timeout_ms: int = Field(120_000, ge=1)
+    """``KAFKA_DELIVERY_TIMEOUT_MS``: how long a producer retries a record before it
+    fails (Kafka's default; at least ``linger_ms + request_timeout_ms``). A consumer
+    service whose output failed exits without checkpointing, so nothing is lost."""
 
     def common(self) -> dict[str, Any]:
         """Connection arguments shared by consumers, producers and admin clients."""
@@ -83,12 +89,16 @@ class KafkaSettings(BaseSettings):
 
 
 class RedisSettings(BaseSettings):
-    """How to reach Redis (URL plus ACL user/password and TLS, kept out of logs)."""
+    """How to reach Redis or a Redis Cluster (URL, ACL user/password and TLS; kept out of logs)."""
 
     model_config = SettingsConfigDict(env_prefix="REDIS_", env_file=".env", extra="ignore")
 
     url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
-    """``REDIS_URL``: ``redis://`` or ``rediss://`` (TLS); may carry credentials."""
+    """``REDIS_URL``: ``redis://`` or ``rediss://`` (TLS); may carry credentials.
+
+    ``redis+cluster://host:port[,host:port...]/0`` (``rediss+cluster://`` for TLS)
+    names a Redis Cluster by one or more of its nodes; a cluster has database 0 only.
+    """
     username: str | None = None
     """``REDIS_USERNAME``: ACL user, if not in the URL."""
     password: SecretStr | None = None
@@ -96,9 +106,18 @@ class RedisSettings(BaseSettings):
     ssl_ca_certs: str | None = None
     """``REDIS_SSL_CA_CERTS``: CA bundle for ``rediss://``."""
     namespace: str = "streamrec"
-    """``REDIS_NAMESPACE``: prefix of every key streamrec writes."""
+    """``REDIS_NAMESPACE``: prefix of every key streamrec writes (no braces)."""
     socket_timeout: float = 5.0
     """``REDIS_SOCKET_TIMEOUT`` in seconds."""
+
+    @field_validator("namespace")
+    @classmethod
+    def _no_braces(cls, value: str) -> str:
+        # Redis Cluster hashes the first {...} of a key: a brace in the prefix would
+        # displace the hash tags that keep each atomic step's keys in one slot.
+        if "{" in value or "}" in value:
+            raise ValueError(f"REDIS_NAMESPACE must not contain braces, got {value!r}")
+        return value
 
     def keys(self) -> KeySpace:
         return KeySpace(self.namespace)
@@ -121,6 +140,13 @@ class TopicSettings(BaseSettings):
     """``STREAMREC_TOPIC_DEAD_LETTER``."""
     partitions: int = Field(DEFAULT_PARTITIONS, ge=1)
     """``STREAMREC_TOPIC_PARTITIONS``: used when streamrec creates the topics."""
+    replication_factor: int = Field(3, ge=1)
+    """``STREAMREC_TOPIC_REPLICATION_FACTOR``: replicas of each topic streamrec creates
+    (``streamrec up``'s embedded single broker uses 1)."""
+    min_insync_replicas: int = Field(2, ge=1)
+    """``STREAMREC_TOPIC_MIN_INSYNC_REPLICAS``: replicas that must have a record before
+    ``acks=all`` succeeds; with 3 replicas and 2, one broker can be lost without
+    losing an acknowledged record (embedded: 1)."""
 
     def all(self) -> dict[str, int]:
         return {

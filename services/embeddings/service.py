@@ -59,6 +59,7 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.cluster import RedisCluster
 
 from contracts.events import Click, decode_click
 from contracts.keys import KeySpace
@@ -287,7 +288,7 @@ class SnapshotPublisher:
     def __init__(
         self,
         *,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         keys: KeySpace,
         store: SnapshotStore,
         index_name: str,

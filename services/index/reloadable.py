@@ -33,7 +33,9 @@ import faiss
 import numpy as np
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.cluster import RedisCluster
 
+from services.common.clients import REDIS_ERRORS
 from services.index.snapshot import Manifest, Pointer, SnapshotError, read_pointer, read_snapshot
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ class ReloadableIndex:
 
     def __init__(
         self,
-        redis_client: redis.Redis,
+        redis_client: redis.Redis | RedisCluster,
         pointer_key: str,
         *,
         poll_interval: float = 0.5,
@@ -196,7 +198,7 @@ class ReloadableIndex:
         with self._load_lock:
             try:
                 pointer = read_pointer(self._redis, self.pointer_key)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("cannot read index pointer %s: %s", self.pointer_key, exc)
                 return False
             except SnapshotError as exc:

@@ -45,6 +45,7 @@ import faiss
 import msgspec
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from services.index.builder import (
     IndexSpec,
@@ -326,7 +327,9 @@ def read_snapshot(
     return index, list(manifest.item_ids), manifest
 
 
-def publish(redis_client: redis.Redis, pointer_key: str, manifest: Manifest) -> Pointer:
+def publish(
+    redis_client: redis.Redis | RedisCluster, pointer_key: str, manifest: Manifest
+) -> Pointer:
     """Point ``pointer_key`` at ``manifest``'s snapshot, which must already be on disk.
 
     Hashes the manifest file as it lies on disk (so the pointer names durable
@@ -354,7 +357,7 @@ def publish(redis_client: redis.Redis, pointer_key: str, manifest: Manifest) -> 
     return pointer
 
 
-def read_pointer(redis_client: redis.Redis, pointer_key: str) -> Pointer | None:
+def read_pointer(redis_client: redis.Redis | RedisCluster, pointer_key: str) -> Pointer | None:
     """The current pointer, or ``None`` if nothing has been published yet."""
     raw = redis_client.get(pointer_key)
     return None if raw is None else Pointer.from_json(raw)

@@ -46,10 +46,11 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.cluster import RedisCluster
 
 from contracts.keys import KeySpace
 from contracts.params import ParamError, ParamSet, decode_params
-from services.common.clients import redis_client
+from services.common.clients import redis_client, redis_from_url
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.settings import RedisSettings
 
@@ -278,7 +279,7 @@ class ParamStore:
     """Publishes and reads versioned, multi-part model parameters in Redis.
 
     Args:
-        client: the Redis connection (thread-safe; shared by every call).
+        client: the Redis or Redis Cluster connection (thread-safe; shared by every call).
         keys: the key layout and namespace.
         blob_ttl_s: how long a replaced blob stays readable.
         keep_versions: manifests kept (the newest ``keep_versions`` versions).
@@ -288,7 +289,7 @@ class ParamStore:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         *,
         keys: KeySpace | None = None,
         blob_ttl_s: float = 120.0,
@@ -320,8 +321,9 @@ class ParamStore:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> ParamStore:
-        """A store on its own connection to ``url``; :meth:`close` closes it."""
-        store = cls(redis.Redis.from_url(url), **kwargs)
+        """A store on its own connection to ``url`` (a Redis or Redis Cluster URL, see
+        :func:`~services.common.clients.redis_from_url`); :meth:`close` closes it."""
+        store = cls(redis_from_url(url), **kwargs)
         store._owns_client = True
         return store
 

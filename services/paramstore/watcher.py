@@ -27,10 +27,10 @@ from collections.abc import Callable
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
-import redis
 from prometheus_client import CollectorRegistry
 
 from contracts.params import ParamError
+from services.common.clients import REDIS_ERRORS
 from services.paramstore.store import (
     Combiner,
     ModelNotFound,
@@ -152,7 +152,7 @@ class ParamWatcher(Generic[T]):
         with self._refresh_lock:
             try:
                 head = self.store.head(self.model)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 return self._failed("redis", exc)
             serving = self._serving
             if head is None:
@@ -167,7 +167,7 @@ class ParamWatcher(Generic[T]):
                 return False  # still stale; already counted and logged
             try:
                 loaded, header, arrays = self.store.latest(self.model, combine=self._combine)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 return self._failed("redis", exc)
             except ModelNotFound as exc:
                 return self._failed("missing", exc)

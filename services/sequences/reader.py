@@ -26,6 +26,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from contracts.keys import KeySpace
+from services.common.clients import redis_from_url
 from services.sequences.store import TOTAL_FIELD, item_of, score_of, ts_of
 
 #: Look-back windows of the user features: 1 h, 6 h, 24 h (as DRN's feature layout).
@@ -100,7 +101,9 @@ def window_features(
 class Sequences:
     """Read access to the sequences service's Redis state; every batch call is one round trip.
 
-    ``source`` is a Redis URL or a client (a client is not closed by :meth:`close`).
+    ``source`` is a Redis or Redis Cluster URL (see
+    :func:`~services.common.clients.redis_from_url`) or a client (a client is not
+    closed by :meth:`close`).
     """
 
     def __init__(
@@ -108,7 +111,7 @@ class Sequences:
     ) -> None:
         self._owned = isinstance(source, str)
         self._redis: redis.Redis | RedisCluster = (
-            redis.Redis.from_url(source) if isinstance(source, str) else source
+            redis_from_url(source) if isinstance(source, str) else source
         )
         self.keys = keys or KeySpace()
 

@@ -22,7 +22,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 
-import redis
 from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +40,7 @@ from services.common import (
     TopicSettings,
     clients,
 )
+from services.common.clients import REDIS_ERRORS
 from services.common.process import run_consumer_service
 from services.sequences.store import DEFAULT_MAX_LEN, DEFAULT_TTL_S, AppendStats, SequenceStore
 
@@ -137,7 +137,7 @@ class SequencesProcessor(Processor):
         while True:
             try:
                 return self.store.append(records)
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 if attempt == self.retries:
                     raise  # the runtime then exits without checkpointing this batch
                 delay = self.backoff_s * 2**attempt

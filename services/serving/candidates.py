@@ -40,13 +40,15 @@ from typing import cast
 import numpy as np
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from redis.cluster import RedisCluster
 
 from contracts.keys import KeySpace
+from services.common.clients import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
 
-def write_ranked(client: redis.Redis, key: str, scores: Mapping[str, float]) -> None:
+def write_ranked(client: redis.Redis | RedisCluster, key: str, scores: Mapping[str, float]) -> None:
     """Replace the sorted set ``key`` by ``scores`` in one transaction (readers see old or new)."""
     pipe = client.pipeline(transaction=True)
     pipe.delete(key)
@@ -56,7 +58,10 @@ def write_ranked(client: redis.Redis, key: str, scores: Mapping[str, float]) -> 
 
 
 def publish_catalog(
-    client: redis.Redis, keys: KeySpace, item_ids: Sequence[str], features: np.ndarray
+    client: redis.Redis | RedisCluster,
+    keys: KeySpace,
+    item_ids: Sequence[str],
+    features: np.ndarray,
 ) -> int:
     """Replace the catalog by ``item_ids`` with their feature rows; returns the catalog version."""
     matrix = np.asarray(features, dtype="<f4")
@@ -161,7 +166,7 @@ class CandidateFeed:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: redis.Redis | RedisCluster,
         keys: KeySpace,
         *,
         item_dim: int,
@@ -227,7 +232,7 @@ class CandidateFeed:
                 except ValueError as exc:
                     refused = exc
                     self._refused_version = version
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             return self._failed("redis", exc)
         decode = bytes.decode
         self._lists = CandidateLists(

@@ -49,12 +49,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-import redis
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from contracts.events import MAX_SLATE, EventError, Impression, SlateItem
 from contracts.ids import item_labels
+from services.common.clients import REDIS_ERRORS
 from services.common.metrics import LATENCY_BUCKETS
 from services.index import IndexNotReady, LoadedIndex, ReloadableIndex
 from services.sequences import SequenceEntry
@@ -477,7 +477,7 @@ class Recommender:
             return []
         try:
             return list(self.history.get(user_id, self.config.history_n))
-        except redis.RedisError as exc:
+        except REDIS_ERRORS as exc:
             # Serve the user as a cold start rather than fail the request.
             self.metrics.degraded.labels("history").inc()
             log.debug("history of %s unavailable: %s", user_id, exc)

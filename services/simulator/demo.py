@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable, Mapping
 
 import httpx
-import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common import clients
+from services.common.clients import REDIS_ERRORS
 from services.common.settings import RedisSettings
 from services.index import SnapshotError, read_pointer
 from services.paramstore import ParamStore
@@ -122,7 +122,7 @@ class Demo:
         """The index version the Redis pointer names (None before the first publish)."""
         try:
             pointer = read_pointer(self.redis, self.index_key)
-        except (redis.RedisError, SnapshotError):
+        except (*REDIS_ERRORS, SnapshotError):
             return None
         return None if pointer is None else pointer.version
 

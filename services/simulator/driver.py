@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol
 import httpx
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from contracts.events import Click, Impression, encode
 from contracts.keys import KeySpace
@@ -221,7 +222,7 @@ class ServingSource:
         self.client.close()
 
 
-def publish_world_catalog(world: World, client: redis.Redis, keys: KeySpace) -> int:
+def publish_world_catalog(world: World, client: redis.Redis | RedisCluster, keys: KeySpace) -> int:
     """Publish the world's live items and their features as serving's catalog."""
     items = world.catalog()
     return publish_catalog(client, keys, items, world.item_features(items))

@@ -1,23 +1,23 @@
-"""The embedded stack: a Kafka-protocol broker, Redis and every service on one machine."""
+"""The embedded stack: Apache Kafka, Redis and every service on one machine."""
 
 from __future__ import annotations
 
+from services.stack.kafka import EmbeddedKafka, start_broker, start_cluster
 from services.stack.servers import (
-    EmbeddedBroker,
     EmbeddedRedis,
     ManagedProcess,
-    ensure_topics,
+    ServerError,
     free_port,
-    start_broker,
     start_redis,
 )
 
 __all__ = [
-    "EmbeddedBroker",
+    "EmbeddedKafka",
     "EmbeddedRedis",
     "ManagedProcess",
-    "ensure_topics",
+    "ServerError",
     "free_port",
     "start_broker",
+    "start_cluster",
     "start_redis",
 ]

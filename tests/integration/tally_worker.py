@@ -29,6 +29,7 @@ from services.common import (
     TopicSettings,
 )
 from services.common.process import run_consumer_service
+from tests.integration.processes import FAST_FAILOVER_SETTINGS
 
 TALLY = struct.Struct("<qq")
 
@@ -71,15 +72,15 @@ def tally_runtime(
     bootstrap: str | None = None,
     clock: Callable[[], float] = time.time,
 ) -> ConsumerRuntime:
-    """A tally consumer of ``topic`` (dead letters to ``<topic>-dlq``) with group timeouts
-    short enough for Tansu's slow joins; Kafka from the environment unless ``bootstrap``."""
+    """A tally consumer of ``topic`` (dead letters to ``<topic>-dlq``) with the fault tests'
+    short sessions; Kafka from the environment unless ``bootstrap``."""
     address = {"bootstrap_servers": bootstrap} if bootstrap else {}
     return ConsumerRuntime(
         service="tally",
         group=group,
         inputs={topic: decode_click},
         processor=processor,
-        kafka=KafkaSettings(max_poll_interval_ms=3000, session_timeout_ms=3000, **address),
+        kafka=KafkaSettings(**FAST_FAILOVER_SETTINGS, **address),
         redis_settings=redis_settings,
         topics=TopicSettings(dead_letter=f"{topic}-dlq"),
         settings=settings,

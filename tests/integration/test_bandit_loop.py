@@ -38,11 +38,11 @@ from services.common import (
     TopicSettings,
 )
 from services.common.runtime import SEQ_HEADER, SOURCE_HEADER
+from services.common.topics import ensure_topics
 from services.joiner.join import PartitionJoin
 from services.joiner.service import JoinerSettings, JoinProcessor
 from services.paramstore import ModelNotFound, ParamStore
-from services.stack.servers import ensure_topics
-from tests.integration.processes import ServiceProcess, wait_for
+from tests.integration.processes import FAST_FAILOVER_SETTINGS, ServiceProcess, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -249,6 +249,43 @@ def _join_reference(
     return out
 
 
+class SlateProducer:
+    """Produces impressions and clicks in event-time order in a thread (acks=all,
+    idempotent), remembering which partition each user's events went to."""
+
+    def __init__(self, bootstrap, topics, impressions, clicks, rate: float) -> None:
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
+        self.topics = topics
+        self.events = sorted(
+            [(e.ts, 0, e) for e in impressions] + [(e.ts, 1, e) for e in clicks],
+            key=lambda entry: (entry[0], entry[1]),
+        )
+        self.rate = rate
+        self.sent: dict[str, object] = {}  # user -> the future of their first impression
+        self.thread = threading.Thread(target=self._run)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        for i, (_, kind, event) in enumerate(self.events):
+            topic = self.topics["impressions"] if kind == 0 else self.topics["clicks"]
+            meta = self.producer.send(topic, key=event.user_id.encode(), value=encode(event))
+            if kind == 0 and event.user_id not in self.sent:
+                self.sent[event.user_id] = meta
+            if i % 500 == 0:
+                time.sleep(max(0.0, started + i / self.rate - time.monotonic()))
+        self.producer.flush()
+
+    def join(self, timeout: float = 180):
+        """Wait until everything is acknowledged; returns user → partition."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the producer did not finish"
+        self.producer.close()
+        return {user: meta.get(10).partition for user, meta in self.sent.items()}.__getitem__
+
+
 def test_joiner_sigkill_mid_stream_is_exactly_once_through_the_bandits(
     kafka_bootstrap, redis_url, redis_client, keyspace, unique_name, topics, tmp_path
 ):
@@ -263,26 +300,8 @@ def test_joiner_sigkill_mid_stream_is_exactly_once_through_the_bandits(
         "STREAMREC_JOINER_IDLE_CLOSE_S": "10",
     }
     ensure_topics({"bootstrap_servers": kafka_bootstrap}, {topics["dead_letter"]: 1})
-    by_time = sorted(
-        [(e.ts, 0, e) for e in impressions] + [(e.ts, 1, e) for e in clicks],
-        key=lambda entry: (entry[0], entry[1]),
-    )
-    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
-    partition_of: dict[str, int] = {}
-
-    def produce() -> None:
-        started = time.monotonic()
-        for i, (_, kind, event) in enumerate(by_time):
-            topic = topics["impressions"] if kind == 0 else topics["clicks"]
-            meta = producer.send(topic, key=event.user_id.encode(), value=encode(event))
-            if kind == 0 and event.user_id not in partition_of:
-                partition_of[event.user_id] = meta
-            if i % 500 == 0:  # about 5,500 events/s
-                time.sleep(max(0.0, started + i / 5500 - time.monotonic()))
-        producer.flush()
-
-    thread = threading.Thread(target=produce)
-    thread.start()
+    slates = SlateProducer(kafka_bootstrap, topics, impressions, clicks, rate=5500)
+    slates.start()
     joiner = ServiceProcess("joiner", env, tmp_path / "joiner.log").start()
     bandits = ServiceProcess("bandits", env, tmp_path / "bandits.log").start()
     try:
@@ -298,9 +317,7 @@ def test_joiner_sigkill_mid_stream_is_exactly_once_through_the_bandits(
         joiner.kill()
         applied_at_kill = _applied(store)
         joiner.start()
-        thread.join()
-        partitions = {user: meta.get(10).partition for user, meta in partition_of.items()}
-        expected = _join_reference(impressions, clicks, 4, partitions.__getitem__)
+        expected = _join_reference(impressions, clicks, 4, slates.join())
         assert sum(f.reward for f in expected) > 500
         assert applied_at_kill < len(expected) // 2, "the kill must land mid-stream"
         wait_for(lambda: _applied(store) == len(expected), 120, "all feedback applied")
@@ -308,8 +325,7 @@ def test_joiner_sigkill_mid_stream_is_exactly_once_through_the_bandits(
         assert _applied(store) == len(expected)
         _assert_same_model(_published(store)[1], _reference(expected))
     finally:
-        thread.join()
-        producer.close()
+        slates.join()
         joiner.stop()
         bandits.stop()
     assert "re-reading from" in (tmp_path / "joiner.log").read_text()
@@ -352,8 +368,7 @@ def test_a_joiner_that_crashes_while_re_reading_still_emits_each_feedback_once(
             processor=JoinProcessor(settings, topics, CollectorRegistry()),
             kafka=KafkaSettings(
                 bootstrap_servers=kafka_bootstrap,
-                max_poll_interval_ms=3000,
-                session_timeout_ms=3000,
+                **FAST_FAILOVER_SETTINGS,
                 max_partition_fetch_bytes=16 * 1024,
             ),
             redis_settings=RedisSettings(url=redis_url, namespace=keyspace.namespace),

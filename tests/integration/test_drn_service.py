@@ -41,6 +41,7 @@ from services.evaluation.drn import served_feedback
 from services.paramstore import ParamStore, ParamWatcher
 from services.serving.drn_policy import DRNPolicy, drn_builder
 from services.serving.policies import RankRequest
+from tests.integration.processes import FAST_FAILOVER
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -295,8 +296,7 @@ def _service(
         | ENV
         | {
             "KAFKA_BOOTSTRAP_SERVERS": kafka,
-            "KAFKA_MAX_POLL_INTERVAL_MS": "3000",
-            "KAFKA_SESSION_TIMEOUT_MS": "3000",
+            **FAST_FAILOVER,
             "REDIS_URL": redis_url,
             "REDIS_NAMESPACE": keys.namespace,
             "STREAMREC_TOPIC_FEEDBACK": topic,

@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry
 from contracts.params import encode_params
 from services.common import Checkpoint, CheckpointStore, RedisSettings, RuntimeSettings
 from services.common.checkpoint import Fenced
+from services.common.topics import ensure_topics
 from services.paramstore import ParamStore, StalePublish
-from services.stack.servers import ensure_topics
 from tests.integration.tally_worker import TALLY, TallyProcessor, tally_runtime
 from tests.integration.test_runtime import _click
 

@@ -172,7 +172,7 @@ def test_events_round_trip_gateway_to_kafka_to_a_runtime_consumer(
     gateway, redis_url, redis_client, keyspace, unique_name, tmp_path
 ):
     """HTTP in, consumed and applied by the shared runtime in its own process."""
-    from services.stack.servers import ensure_topics
+    from services.common.topics import ensure_topics
     from tests.integration.processes import wait_for
     from tests.integration.test_runtime import _tally, _worker
 

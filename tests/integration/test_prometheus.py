@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from services.stack.servers import free_port
-from tests.integration.processes import ROOT, wait_for
+from tests.integration.processes import FAST_FAILOVER, ROOT, wait_for
 from tests.unit.test_deploy import (
     dashboard_expressions,
     exposed_metric_names,
@@ -97,8 +97,7 @@ def stack_run_dir(tmp_path: Path) -> Iterator[Path]:
     """``streamrec up --simulate`` with a short attribution window, until the test ends."""
     run_dir = tmp_path / "run"
     env = os.environ | {
-        "KAFKA_MAX_POLL_INTERVAL_MS": "3000",
-        "KAFKA_SESSION_TIMEOUT_MS": "3000",
+        **FAST_FAILOVER,
         "STREAMREC_JOINER_WINDOW_S": "3",
         "STREAMREC_JOINER_LATENESS_S": "1",
     }

@@ -12,13 +12,23 @@ from pathlib import Path
 
 import pytest
 import redis
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import ConfigResource, ConfigResourceType
 from prometheus_client import CollectorRegistry
 
-from contracts.events import Click, encode
+from contracts.events import Click, decode_click, encode
 from contracts.keys import KeySpace
-from services.common import RedisSettings, RuntimeSettings
-from services.stack.servers import ensure_topics
+from services.common import (
+    CheckpointStore,
+    ConsumerRuntime,
+    KafkaSettings,
+    RedisSettings,
+    RuntimeSettings,
+    TopicSettings,
+)
+from services.common.runtime import SendFailed
+from services.common.topics import ensure_topics
+from services.stack.kafka import start_broker
 from tests.integration.tally_worker import TALLY, TallyProcessor, tally_runtime
 
 pytestmark = pytest.mark.integration
@@ -194,3 +204,121 @@ def test_lag_comes_from_the_fetched_high_watermark_and_reaches_zero(
         runtime.close()
     assert [done for done, _ in observed] == [50, 100, 150, 200]
     assert [lag for _, lag in observed] == [150, 100, 50, 0]
+
+
+def test_polls_while_the_broker_is_down_are_retried_and_nothing_is_lost(
+    redis_url, keyspace, unique_name, tmp_path
+):
+    """Polling on while the broker is away (its coordinator and partition leader gone)
+    and after it is back: the runtime resumes where it was, nothing lost or doubled.
+    (When kafka-python's ``poll`` raises a connection error meanwhile, the runtime
+    counts it and polls again: tests/unit/test_runtime_harness.py.)"""
+    broker = start_broker(tmp_path / "broker")
+    topic = unique_name("outage")
+    ensure_topics({"bootstrap_servers": broker.bootstrap}, {topic: 1, f"{topic}-dlq": 1})
+
+    def produce(numbers: range) -> None:
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
+        for i in numbers:
+            producer.send(topic, value=_click(i))
+        producer.flush()
+        producer.close()
+
+    registry = CollectorRegistry()
+    processor = TallyProcessor()
+    runtime = tally_runtime(
+        topic,
+        unique_name("outage"),
+        processor,
+        redis_settings=RedisSettings(url=redis_url, namespace=keyspace.namespace),
+        settings=RuntimeSettings(max_batch=100, checkpoint_interval_s=0.2),
+        registry=registry,
+        bootstrap=broker.bootstrap,
+    )
+    try:
+        produce(range(500))
+        runtime.open()
+        deadline = time.monotonic() + 60
+        while processor.tally.get(0, [0])[0] < 500 and time.monotonic() < deadline:
+            runtime.poll_once()
+        broker.stop_node(0)
+        outage = time.monotonic() + 12  # longer than a session: the coordinator is gone too
+        while time.monotonic() < outage:
+            runtime.poll_once()
+        broker.start_node(0)
+        produce(range(500, 1000))
+        deadline = time.monotonic() + 90
+        while processor.tally.get(0, [0])[0] < 1000 and time.monotonic() < deadline:
+            runtime.poll_once()
+        assert processor.tally[0] == [1000, 1000 * 999 // 2]
+    finally:
+        runtime.close()
+        broker.stop()
+
+
+def test_output_kafka_did_not_acknowledge_is_never_checkpointed_past(
+    kafka_bootstrap, redis_url, redis_client, keyspace, unique_name
+):
+    """Dead letters go to a topic whose ``max.message.bytes`` is too small for them, so
+    Kafka refuses them. The runtime must not checkpoint the offsets of the records
+    that produced them: it fails loudly (:class:`SendFailed`), and once the topic is
+    fixed a restart re-reads them and every dead letter arrives."""
+    topic, group = unique_name("unacked"), unique_name("unacked")
+    dlq = f"{topic}-dlq"
+    ensure_topics({"bootstrap_servers": kafka_bootstrap}, {topic: 1})
+    ensure_topics(
+        {"bootstrap_servers": kafka_bootstrap}, {dlq: 1}, configs={"max.message.bytes": "64"}
+    )
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    for i in range(20):
+        producer.send(topic, value=_click(i, item_id="reject-me") if i % 4 == 0 else _click(i))
+    producer.flush()
+    producer.close()
+    redis_settings = RedisSettings(url=redis_url, namespace=keyspace.namespace)
+
+    def runtime() -> ConsumerRuntime:
+        made = ConsumerRuntime(
+            service="tally",
+            group=group,
+            inputs={topic: decode_click},
+            processor=TallyProcessor(),
+            kafka=KafkaSettings(
+                bootstrap_servers=kafka_bootstrap,
+                delivery_timeout_ms=3000,
+                request_timeout_ms=2000,
+            ),
+            redis_settings=redis_settings,
+            topics=TopicSettings(dead_letter=dlq),
+            settings=RuntimeSettings(checkpoint_interval_s=3600),
+            registry=CollectorRegistry(),
+        )
+        made.open()
+        return made
+
+    first = runtime()
+    deadline = time.monotonic() + 60
+    while first.processor.tally.get(0, [0])[0] < 15 and time.monotonic() < deadline:
+        first.poll_once()
+    with pytest.raises(SendFailed, match="5 records were not acknowledged"):
+        first.checkpoint(force=True)
+    first._failed = True  # what run() sets when the loop raises: close() skips the checkpoint
+    first.close()
+    assert CheckpointStore(redis_client, keyspace, group).load([0]) == {}, "nothing checkpointed"
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.alter_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, dlq, configs={"max.message.bytes": "1048588"})]
+    )
+    admin.close()
+    second = runtime()
+    deadline = time.monotonic() + 60
+    while second.processor.tally.get(0, [0])[0] < 15 and time.monotonic() < deadline:
+        second.poll_once()
+    assert second.checkpoint(force=True)
+    second.close()
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap, consumer_timeout_ms=3000)
+    consumer.assign([TopicPartition(dlq, 0)])
+    consumer.seek_to_beginning()
+    offsets = sorted(int(dict(r.headers)["streamrec-dlq-offset"]) for r in consumer)
+    consumer.close()
+    assert offsets == [0, 4, 8, 12, 16], "every dead letter arrived once the topic was fixed"

@@ -27,6 +27,7 @@ from services.common import (
     RuntimeSettings,
     TopicSettings,
 )
+from services.common.topics import ensure_topics
 from services.sequences.reader import SequenceEntry, Sequences, window_features
 from services.sequences.service import SequencesProcessor
 from services.sequences.store import (
@@ -37,7 +38,8 @@ from services.sequences.store import (
     score_of,
     ts_of,
 )
-from services.stack.servers import ensure_topics, free_port
+from services.stack.servers import free_port
+from tests.integration.processes import FAST_FAILOVER, FAST_FAILOVER_SETTINGS
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -225,7 +227,8 @@ def test_a_batch_that_cannot_be_written_is_never_checkpointed(
         inputs={topic: decode_click},
         processor=SequencesProcessor(SequenceStore(dead, keys=keyspace), retries=1, backoff_s=0.01),
         kafka=KafkaSettings(
-            bootstrap_servers=kafka_bootstrap, max_poll_interval_ms=3000, session_timeout_ms=3000
+            bootstrap_servers=kafka_bootstrap,
+            **FAST_FAILOVER_SETTINGS,
         ),
         redis_settings=RedisSettings(url=redis_url, namespace=keyspace.namespace),
         topics=TopicSettings(clicks=topic, dead_letter=f"{topic}-dlq"),
@@ -339,8 +342,7 @@ def test_sigkill_mid_stream_then_restart_gives_exact_sequences(
         "STREAMREC_TOPIC_DEAD_LETTER": dlq,
         "STREAMREC_SEQUENCES_GROUP": group,
         "STREAMREC_SEQUENCES_MAX_LEN": str(MAX_LEN),
-        "KAFKA_MAX_POLL_INTERVAL_MS": "3000",
-        "KAFKA_SESSION_TIMEOUT_MS": "3000",
+        **FAST_FAILOVER,
         "STREAMREC_RUNTIME_CHECKPOINT_INTERVAL_S": "0.2",
         "STREAMREC_RUNTIME_MAX_BATCH": "500",
     }

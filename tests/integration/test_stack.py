@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.processes import ROOT, wait_for
+from tests.integration.processes import FAST_FAILOVER, ROOT, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,9 @@ def _cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 
 def _up(run_dir: Path) -> tuple[subprocess.Popen, dict]:
-    env = os.environ | {"KAFKA_MAX_POLL_INTERVAL_MS": "3000", "KAFKA_SESSION_TIMEOUT_MS": "3000"}
+    env = os.environ | {
+        **FAST_FAILOVER,
+    }
     up = subprocess.Popen(
         [
             sys.executable,
