@@ -74,6 +74,8 @@ POLICIES = ("linucb", "drn")
 TOKEN = "soak-token"  # noqa: S105 - a benchmark's own gateway token
 WINDOW_S, LATENESS_S = 10, 2
 SERVING_PROBE_PER_S = 20
+#: Events per gateway request (a load that falls behind sends several).
+POST_BATCH = 1000
 
 
 # -- the load ---------------------------------------------------------------------------
@@ -130,17 +132,13 @@ def produce_load(
     impressions = 0
 
     def post(kind: str, events: list) -> None:
-        body = encoder.encode(events)
-        while True:
-            answer = http.post(f"/v1/{kind}", content=body)
-            if answer.status_code == 202:
-                counters[0] += len(events)
-                return
-            if answer.status_code != 503:
-                counters[1] += len(events)
-                return
-            counters[2] += 1
-            time.sleep(0.1)
+        for start in range(0, len(events), POST_BATCH):
+            chunk = events[start : start + POST_BATCH]
+            body = encoder.encode(chunk)
+            while (answer := http.post(f"/v1/{kind}", content=body)).status_code == 503:
+                counters[2] += 1
+                time.sleep(0.1)
+            counters[0 if answer.status_code == 202 else 1] += len(chunk)
 
     while (elapsed := time.monotonic() - started) < seconds:
         wanted = int(rate * elapsed / per_impression)
@@ -367,13 +365,11 @@ def wait_http(url: str, timeout: float) -> None:
 def run(args: argparse.Namespace, rate: float, seconds: float, reconcile: bool) -> dict[str, Any]:
     """One soak at ``rate`` for ``seconds`` on a fresh stack; the result as a dict."""
     work = Path(tempfile.mkdtemp(prefix="streamrec-soak-"))
-    try:
-        with stack(work) as (broker, server, supervisor, client, keys):
-            return _measure(
-                args, rate, seconds, reconcile, broker, server, supervisor, client, keys
-            )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    print(f"run directory (logs): {work}", flush=True)
+    with stack(work) as running:
+        result = _measure(args, rate, seconds, reconcile, *running)
+    shutil.rmtree(work / "kafka", ignore_errors=True)  # the log is large; the logs stay
+    return result
 
 
 def _measure(args, rate, seconds, reconcile, broker, server, supervisor, client, keys):
@@ -423,9 +419,9 @@ def _measure(args, rate, seconds, reconcile, broker, server, supervisor, client,
         print(json.dumps(samples[-1]), flush=True)
         supervisor.check()
     load.join()
+    probe.stop.set()  # its impressions would keep the model changing while it drains
     drained = drain(metrics_ports, store, timeout=WINDOW_S + LATENESS_S + 120)
     freshness.stop.set()
-    probe.stop.set()
     for thread in threads:
         thread.join(10)
     result = summarize(args, rate, seconds, samples, freshness, probe, counters, drained)
@@ -555,8 +551,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--rate", type=float, default=5000.0, help="events/s offered")
-    parser.add_argument("--slate", type=int, default=4)
-    parser.add_argument("--click-p", type=float, default=0.1, help="click chance per item")
+    parser.add_argument("--slate", type=int, default=2)
+    parser.add_argument("--click-p", type=float, default=0.15, help="click chance per item")
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--warmup-s", type=float, default=60.0, help="left out of RSS slopes")
     parser.add_argument("--bound-s", type=float, default=10.0, help="lag bound, in s of input")

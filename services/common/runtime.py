@@ -238,6 +238,7 @@ class ConsumerRuntime:
         self.partition_counts: dict[str, int] = {}
         #: Records emitted or dead-lettered since the last checkpoint, until Kafka acks them.
         self._sends: list[FutureRecordMetadata] = []
+        self._sources: dict[int, bytes] = {}  # source partition -> its header value
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -410,10 +411,10 @@ class ConsumerRuntime:
         seq = ckpt.emit_seq.get(slot, 0)
         ckpt.emit_seq[slot] = seq + 1
         self._dirty.add(source_partition)
-        stamp = [
-            (SOURCE_HEADER, f"{self.group}:{source_partition}".encode()),
-            (SEQ_HEADER, str(seq).encode()),
-        ]
+        source = self._sources.get(source_partition)
+        if source is None:
+            source = self._sources[source_partition] = f"{self.group}:{source_partition}".encode()
+        stamp = [(SOURCE_HEADER, source), (SEQ_HEADER, b"%d" % seq)]
         self._send(topic, value=value, key=key, partition=partition, headers=[*headers, *stamp])
 
     def _send(self, topic: str, **record: Any) -> None:

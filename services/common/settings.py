@@ -55,8 +55,8 @@ class KafkaSettings(BaseSettings):
     """``KAFKA_HEARTBEAT_INTERVAL_MS``: at most a third of the session timeout."""
     max_partition_fetch_bytes: int = 4 * 1024 * 1024
     """``KAFKA_MAX_PARTITION_FETCH_BYTES``."""
-    linger_ms: int = 2
-    """``KAFKA_LINGER_MS``: producer batching delay."""
+    linger_ms: int = Field(5, ge=0)
+    """``KAFKA_LINGER_MS``: producer batching delay (Kafka 4's default)."""
     request_timeout_ms: int = 30_000
     """``KAFKA_REQUEST_TIMEOUT_MS``."""
     delivery_timeout_ms: int = Field(120_000, ge=1)

@@ -159,6 +159,7 @@ class JoinProcessor(Processor):
             self.metrics.watermark_delay.set(max(0.0, now - oldest) if oldest else 0.0)
 
     def _emit(self, record: Record, closed: list[Feedback], ctx: Context) -> None:
+        rewarded = 0
         for fb in closed:
             ctx.emit(
                 self.topics.feedback,
@@ -166,7 +167,10 @@ class JoinProcessor(Processor):
                 key=fb.user_id.encode(),
                 source_partition=record.partition,
             )
-            self.metrics.feedback.labels(str(fb.reward)).inc()
+            rewarded += fb.reward
+        if closed:
+            self.metrics.feedback.labels("1").inc(rewarded)
+            self.metrics.feedback.labels("0").inc(len(closed) - rewarded)
 
     def _report(self) -> None:
         totals: dict[str, int] = {}
