@@ -125,6 +125,7 @@ def feedback_id(request_id: str, item_id: str) -> str:
 
 Event = Impression | Click | Feedback
 E = TypeVar("E", Impression, Click, Feedback)
+T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
 _decoders = {cls: msgspec.json.Decoder(cls) for cls in (Impression, Click, Feedback)}
@@ -135,16 +136,36 @@ def encode(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
-def _decode(cls: type[E], raw: bytes) -> E:
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise EventError(f"too large: {len(raw)} bytes > {MAX_MESSAGE_BYTES}")
+def decode_json(decoder: msgspec.json.Decoder[T], raw: bytes) -> T:
+    """Decode untrusted JSON with ``decoder``; raises only :class:`EventError`.
+
+    Every decoder of request bodies and records goes through here, so that no
+    input can escape as anything but a reasoned 400 or dead letter:
+    ``invalid: …`` for JSON that does not fit the type, ``malformed: …`` for
+    input that is not JSON at all, including invalid UTF-8 inside a string
+    (msgspec raises :class:`UnicodeDecodeError` there) and nesting too deep to
+    decode: msgspec recurses once per level and raises :class:`RecursionError`
+    at the interpreter's limit, which ``[[[[…`` reaches in a few kilobytes.
+
+    >>> decode_json(msgspec.json.Decoder(), b"[" * 100_000)
+    Traceback (most recent call last):
+    ...
+    contracts.events.EventError: malformed: JSON nested too deeply
+    """
     try:
-        return cast(E, _decoders[cls].decode(raw))
+        return decoder.decode(raw)
     except msgspec.ValidationError as exc:
         raise EventError(f"invalid: {exc}") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a string.
         raise EventError(f"malformed: {exc}") from None
+    except RecursionError:
+        raise EventError("malformed: JSON nested too deeply") from None
+
+
+def _decode(cls: type[E], raw: bytes) -> E:
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise EventError(f"too large: {len(raw)} bytes > {MAX_MESSAGE_BYTES}")
+    return cast(E, decode_json(_decoders[cls], raw))
 
 
 def decode_impression(raw: bytes) -> Impression:
@@ -185,7 +206,4 @@ def split_batch(body: bytes) -> list[bytes]:
     """
     if not body.lstrip().startswith(b"["):
         return [body]
-    try:
-        return [bytes(raw) for raw in _raw_list.decode(body)]
-    except msgspec.DecodeError as exc:
-        raise EventError(f"malformed: {exc}") from None
+    return [bytes(raw) for raw in decode_json(_raw_list, body)]

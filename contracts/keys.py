@@ -33,8 +33,8 @@ class KeySpace:
     def checkpoint_pattern(self, group: str) -> str:
         return f"{self.namespace}:ckpt:{{{group}}}:*"
 
-    # Parameter store (DESIGN.md §4): immutable blobs, per-partition pointers,
-    # one manifest per version and a current pointer, all in the model's slot.
+    # Parameter store (docs/decisions.md §8): content-addressed blobs, per-part
+    # pointers, one manifest per version and a current pointer, all in the model's slot.
     def params_current(self, model: str) -> str:
         return f"{self.namespace}:params:{{{model}}}:current"
 
@@ -44,8 +44,9 @@ class KeySpace:
     def params_manifest(self, model: str, version: int) -> str:
         return f"{self.namespace}:params:{{{model}}}:manifest:{version}"
 
-    def params_blob(self, model: str, part: str, blob_id: str) -> str:
-        return f"{self.namespace}:params:{{{model}}}:blob:{part}:{blob_id}"
+    def params_blob(self, model: str, part: str, digest: str) -> str:
+        """One encoded part, named by its sha256: the same content is one key."""
+        return f"{self.namespace}:params:{{{model}}}:blob:{part}:{digest}"
 
     def params_fence(self, model: str) -> str:
         return f"{self.namespace}:params:{{{model}}}:fence"

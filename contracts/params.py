@@ -45,6 +45,9 @@ class ParamSet:
     offsets: dict[str, dict[int, int]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
+    #: The blob's sha256 (hex). It covers every byte that matters, so it also names
+    #: the blob: the parameter store keeps blobs under it (content addressing).
+    checksum: str = ""
 
 
 def _canonical(header: Mapping[str, Any]) -> bytes:
@@ -99,27 +102,24 @@ def encode_params(
     return MAGIC + _LEN.pack(len(head)) + head + payload
 
 
+def verify_params(blob: bytes) -> dict[str, Any]:
+    """Check a blob from :func:`encode_params` without copying its arrays; return its header.
+
+    Checks the magic, the header, the sha256 and that every array's dtype is
+    allowed and its bytes lie inside the payload, so that a blob that passes also
+    decodes. The header returned includes its ``sha256``. Publishers call this
+    to validate what they store; :func:`decode_params` calls it before building arrays.
+    Raises :class:`ParamError`.
+    """
+    header, _ = _verified(blob)
+    return header
+
+
 def decode_params(blob: bytes) -> ParamSet:
     """Decode and verify a blob from :func:`encode_params`; raises :class:`ParamError`."""
-    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + _LEN.size:
-        raise ParamError("not a streamrec parameter blob (bad magic)")
-    (head_len,) = _LEN.unpack_from(blob, len(MAGIC))
-    start = len(MAGIC) + _LEN.size
-    try:
-        header = msgspec.json.decode(blob[start : start + head_len])
-    except msgspec.DecodeError as exc:
-        raise ParamError(f"header is not JSON: {exc}") from None
-    if not isinstance(header, dict) or header.get("format") != 1:
-        raise ParamError("unknown parameter format")
-    payload = memoryview(blob)[start + head_len :]
-    expected = header.pop("sha256", None)
-    actual = hashlib.sha256(_canonical(header) + payload).hexdigest()
-    if expected != actual:
-        raise ParamError(f"checksum mismatch for {header.get('model')} v{header.get('version')}")
+    header, payload = _verified(blob)
     arrays = {}
     for spec in header["arrays"]:
-        if spec["dtype"] not in DTYPES:
-            raise ParamError(f"array {spec['name']!r}: dtype {spec['dtype']} not allowed")
         chunk = payload[spec["offset"] : spec["offset"] + spec["nbytes"]]
         arrays[spec["name"]] = (
             np.frombuffer(chunk, dtype=spec["dtype"]).reshape(spec["shape"]).copy()
@@ -133,4 +133,33 @@ def decode_params(blob: bytes) -> ParamSet:
         },
         meta=header["meta"],
         created_at=header["created_at"],
+        checksum=header["sha256"],
     )
+
+
+def _verified(blob: bytes) -> tuple[dict[str, Any], memoryview]:
+    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + _LEN.size:
+        raise ParamError("not a streamrec parameter blob (bad magic)")
+    (head_len,) = _LEN.unpack_from(blob, len(MAGIC))
+    start = len(MAGIC) + _LEN.size
+    try:
+        header = msgspec.json.decode(blob[start : start + head_len])
+    except msgspec.DecodeError as exc:
+        raise ParamError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict) or header.get("format") != 1:
+        raise ParamError("unknown parameter format")
+    payload = memoryview(blob)[start + head_len :]
+    expected = header.pop("sha256", None)
+    # Hashed in two steps: joining header and payload first would copy the whole payload.
+    digest = hashlib.sha256(_canonical(header))
+    digest.update(payload)
+    if expected != digest.hexdigest():
+        raise ParamError(f"checksum mismatch for {header.get('model')} v{header.get('version')}")
+    for spec in header["arrays"]:
+        if spec["dtype"] not in DTYPES:
+            raise ParamError(f"array {spec['name']!r}: dtype {spec['dtype']} not allowed")
+        size = int(np.prod(spec["shape"], dtype=np.int64)) * np.dtype(spec["dtype"]).itemsize
+        if size != spec["nbytes"] or not 0 <= spec["offset"] <= len(payload) - size:
+            raise ParamError(f"array {spec['name']!r}: shape and bytes do not fit the payload")
+    header["sha256"] = expected
+    return header, payload

@@ -11,6 +11,17 @@ The random generator is not part of the state: it is no sufficient statistic
 and cannot be summed across partitions. ``from_state(state, seed=s)`` gives a
 learner that behaves exactly like any learner holding the same statistics whose
 generator was seeded with ``s``.
+
+Arms are created lazily from item labels, so a producer that invents ids would
+otherwise grow a learner without bound. :meth:`BanditLearner.limit_arms` caps
+the arms; when a new arm needs room, a share of the arms is evicted, chosen
+by a rule that depends only on the sequence of updates (never on how they were
+batched, see :meth:`BanditLearner.update`): arms on probation (fewer than
+``admit_after`` updates, item not in the catalog) go first, then admitted arms
+outside the catalog, then catalog arms, least recently updated first within
+each tier. The clock that orders "recently" counts update rows; it is
+bookkeeping, not a statistic, so it is exported apart from the state
+(:meth:`BanditLearner.recency`) for checkpoints and never merged.
 """
 
 from __future__ import annotations
@@ -43,6 +54,14 @@ UPDATE_BLOCK = 4096
 _MIN_ROWS_PER_GROUP = 2
 #: Lookups of at most this many items are memoised (see ``ArmTable.lookup``).
 _LOOKUP_MEMO_ROWS = 1024
+#: A full capped learner evicts ``max_arms // EVICTION_DIVISOR`` arms (at least one) at
+#: once: a flood of new items then re-sorts the label index once per that many items,
+#: not once per item.
+EVICTION_DIVISOR = 16
+#: Why an arm was evicted, by tier: on probation, admitted but cold, in the catalog.
+EVICTION_REASONS = ("probation", "cold", "catalog")
+#: The table's bookkeeping array: the learner clock at each arm's last update.
+LAST_UPDATE = "last_update"
 
 
 def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -241,19 +260,31 @@ class ArmTable:
 
     Every array has one row per arm plus row 0, which holds the prior: unknown
     items look up slot 0 and score from the prior without a branch. Arms occupy
-    rows ``1..len(table)`` in order of registration. Rows beyond the last arm are
-    kept at the prior so a newly registered arm starts from it. The arms new in one
-    call are registered in label order.
+    rows ``1..len(table)``, at first in order of registration. Rows beyond the
+    last arm are kept at the prior so a newly registered arm starts from it. The
+    arms new in one call are registered in label order. :meth:`remove` drops arms
+    and moves the last ones into the freed rows, so rows stay contiguous.
+
+    Besides the learner's arrays the table keeps ``LAST_UPDATE``, the learner
+    clock at each arm's last update (:meth:`touch`), which eviction orders by.
 
     >>> table = ArmTable({"count": np.zeros((), np.int64)})
     >>> table.ensure(np.array([7, 3, 7])).tolist()
     [2, 1, 2]
     >>> table.lookup(np.array([3, 9])).tolist()
     [1, 0]
+    >>> table.remove(np.array([1]))
+    >>> table.labels.tolist(), table.lookup(np.array([3, 7])).tolist()
+    ([7], [0, 1])
     """
 
     def __init__(self, prior: Mapping[str, np.ndarray], *, capacity: int = 16) -> None:
+        if LAST_UPDATE in prior:
+            raise ValueError(f"{LAST_UPDATE!r} is the table's own array")
         self._prior = {name: np.array(value) for name, value in prior.items()}
+        self._prior[LAST_UPDATE] = np.zeros((), dtype=np.int64)
+        #: Most arms the table will hold (growth stops there); None: no limit.
+        self.limit: int | None = None
         self._size = 0
         self._labels = np.empty(capacity, dtype=np.int64)
         self._sorted_labels = np.empty(0, dtype=np.int64)
@@ -320,11 +351,40 @@ class ArmTable:
             slots = self.lookup(items)
         return slots
 
+    def touch(self, slots: np.ndarray, first_tick: int) -> None:
+        """Record that row ``i`` updated ``slots[i]`` at clock tick ``first_tick + i``."""
+        ticks = np.arange(first_tick, first_tick + len(slots), dtype=np.int64)
+        # Repeated slots keep their latest tick (plain assignment leaves that unspecified).
+        np.maximum.at(self.arrays[LAST_UPDATE], slots, ticks)
+
+    def remove(self, slots: np.ndarray) -> None:
+        """Drop the arms in ``slots`` (distinct, registered); the last arms move into their rows."""
+        n = self._size
+        keep = n - len(slots)
+        gone = np.zeros(n + 1, dtype=bool)
+        gone[slots] = True
+        holes = np.flatnonzero(gone[1 : keep + 1]) + 1
+        movers = np.flatnonzero(~gone[keep + 1 :]) + keep + 1
+        for name, array in self.arrays.items():
+            array[holes] = array[movers]
+            array[keep + 1 : n + 1] = self._prior[name]
+        for label in self._labels[slots - 1].tolist():
+            del self._slot_by_label[label]
+        self._labels[holes - 1] = self._labels[movers - 1]
+        self._slot_by_label.update(
+            zip(self._labels[holes - 1].tolist(), holes.tolist(), strict=True)
+        )
+        self._size = keep
+        self._reindex()
+
     def _append(self, labels: np.ndarray) -> None:
         needed = self._size + len(labels)
         capacity = len(self._labels)
         if needed > capacity:
             capacity = max(2 * capacity, needed)
+            if self.limit is not None:
+                # A capped table never needs rows past its cap: doubling would overshoot it.
+                capacity = max(needed, min(capacity, self.limit))
             grown = np.empty(capacity, dtype=np.int64)
             grown[: self._size] = self._labels[: self._size]
             self._labels = grown
@@ -337,10 +397,15 @@ class ArmTable:
             zip(labels.tolist(), range(self._size + 1, needed + 1), strict=True)
         )
         self._size = needed
-        order = np.argsort(self._labels[:needed], kind="stable")
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """Rebuild the sorted label index after arms were added or moved; forget the memo."""
+        order = np.argsort(self._labels[: self._size], kind="stable")
         self._sorted_labels = self._labels[order]
         self._sorted_slots = order + 1
         self._memo_key = None
+        self._memo_run = None
 
     def load(self, labels: np.ndarray, arrays: Mapping[str, np.ndarray]) -> None:
         """Register ``labels`` (all new) and set their rows of the named arrays."""
@@ -377,6 +442,16 @@ class BanditLearner(abc.ABC):
     Subclasses declare which constructor arguments are hyperparameters and which
     state arrays are additive statistics (per arm, or global); ``state``,
     ``from_state``, ``merge`` and ``clone`` are implemented once, here.
+
+    A learner holds any number of arms unless :meth:`limit_arms` caps them (the
+    bandits service does: item ids come from producers). Eviction is a function
+    of the update sequence alone, so a learner fed the same events in any
+    batching, or restored from ``state()`` and ``recency()`` midway, evicts the
+    same arms and ends with the same statistics. Per-partition learners merged by
+    readers equal one learner on all data only while no arm was evicted: each
+    partition evicts by its own traffic, so once it has, the merged statistics
+    of an arm are the sum, over partitions, of the updates since that partition
+    last evicted it.
     """
 
     #: Registry name, also the model name in the parameter store.
@@ -397,6 +472,13 @@ class BanditLearner(abc.ABC):
         self.seed = seed
         self._rng = np.random.default_rng(seed)
         self._table = ArmTable(self._arm_prior())
+        self._max_arms: int | None = None
+        self._admit_after = 1
+        self._catalog = np.empty(0, dtype=np.int64)
+        #: Update rows applied so far: the clock of ``LAST_UPDATE``.
+        self._clock = 0
+        #: reason -> (arms, updates they held), evicted since the last ``drain_evictions``.
+        self._evicted: dict[str, tuple[int, float]] = {}
 
     # -- what each learner defines -------------------------------------------------
 
@@ -411,6 +493,19 @@ class BanditLearner(abc.ABC):
     @abc.abstractmethod
     def _update(self, slots: np.ndarray, X: np.ndarray | None, rewards: np.ndarray) -> None:
         """Fold validated rewards into the statistics of already-registered slots."""
+
+    def _settle(self) -> None:  # noqa: B027 - a hook: most learners queue nothing
+        """Fold events a learner queues into its statistics (before rows move or are read)."""
+
+    def _arms_removed(self) -> None:  # noqa: B027 - a hook: most learners derive per arm only
+        """Invalidate derived terms that sum over arms, after some arms were evicted."""
+
+    def _arm_updates(self) -> np.ndarray:
+        """Updates each arm has had, in slot order (decides probation).
+
+        Learners keep this as their ``counts`` statistic; one without it overrides this.
+        """
+        return self._table.rows("counts")
 
     def _global_state(self) -> dict[str, np.ndarray]:
         """Copies of the global statistics, each held in attribute ``_<name>``."""
@@ -438,6 +533,71 @@ class BanditLearner(abc.ABC):
         return len(self._table)
 
     @property
+    def max_arms(self) -> int | None:
+        """The cap set by :meth:`limit_arms`, or None."""
+        return self._max_arms
+
+    def limit_arms(self, max_arms: int | None, *, admit_after: int = 1) -> None:
+        """Hold at most ``max_arms`` arms (None: no limit); evicts at once if it holds more.
+
+        When an update needs a new arm and the learner is full, it evicts
+        ``max(1, max_arms // EVICTION_DIVISOR)`` arms: first arms on probation
+        (fewer than ``admit_after`` updates, item not in :meth:`set_catalog`), then
+        admitted arms, then catalog arms, least recently updated first within each
+        tier (label breaks ties). A flood of one-off ids thus only churns the
+        probation tier, and catalog arms go only if every arm is one. An evicted
+        arm's statistics are dropped and its item scores from the prior again;
+        :meth:`drain_evictions` reports how many arms and updates went.
+
+        >>> from services.bandits import EpsilonGreedy
+        >>> learner = EpsilonGreedy(epsilon=0.0)
+        >>> learner.limit_arms(2, admit_after=2)
+        >>> learner.update(np.array([1, 1, 2]), None, np.ones(3))
+        >>> learner.update(np.array([3]), None, np.ones(1))  # evicts 2: on probation
+        >>> learner.state()["items"].tolist(), learner.drain_evictions()
+        ([1, 3], {'probation': (1, 1.0)})
+        """
+        self._max_arms = None if max_arms is None else dimension("max_arms", max_arms)
+        self._admit_after = dimension("admit_after", admit_after)
+        self._table.limit = self._max_arms
+        if self._max_arms is not None and len(self._table) > self._max_arms:
+            self._evict(len(self._table) - self._max_arms)
+
+    def set_catalog(self, labels: np.ndarray) -> None:
+        """Labels of the items in the catalog: their arms are evicted last.
+
+        The catalog only orders eviction; it admits nothing and drops nothing, so
+        a learner that never fills up behaves the same with any catalog.
+        """
+        catalog = np.asarray(labels, dtype=np.int64)
+        if catalog.ndim != 1:
+            raise ValueError(f"catalog labels must be 1-D, got shape {catalog.shape}")
+        if len(catalog) > 1 and not (np.diff(catalog) > 0).all():
+            catalog = np.unique(catalog)
+        self._catalog = catalog
+
+    def drain_evictions(self) -> dict[str, tuple[int, float]]:
+        """``{reason: (arms, updates they held)}`` evicted since the last call (reasons:
+        ``EVICTION_REASONS``); for the discounted Beta learner "updates" is the decayed mass."""
+        evicted, self._evicted = self._evicted, {}
+        return evicted
+
+    def state_bytes_per_arm(self) -> int:
+        """Bytes one arm adds to ``state()`` and ``recency()`` (what bounds a checkpoint)."""
+        arrays = self._table.arrays
+        label_and_tick = 2 * np.dtype(np.int64).itemsize
+        return label_and_tick + sum(arrays[name][0].nbytes for name in self._arm_statistics)
+
+    def recency(self) -> np.ndarray:
+        """Clock tick of each arm's last update, aligned with ``state()["items"]``.
+
+        Not a statistic (never merged or published): a checkpoint keeps it beside
+        the state so that a restored learner evicts as the original would have.
+        """
+        order = np.argsort(self._table.labels, kind="stable")
+        return self._table.rows(LAST_UPDATE)[order].copy()
+
+    @property
     def rng(self) -> np.random.Generator:
         """The learner's own generator (for tie-breaking a batch of scores with ``top_k``)."""
         return self._rng
@@ -461,7 +621,12 @@ class BanditLearner(abc.ABC):
         return top_k(self.score(items, X), k, self._rng)
 
     def update(self, items: np.ndarray, X: np.ndarray | None, rewards: np.ndarray) -> None:
-        """Fold in one reward per row; a batch of one is the online case."""
+        """Fold in one reward per row; a batch of one is the online case.
+
+        A capped learner applies a batch in runs that fit, evicting between runs
+        exactly where the same rows applied one at a time would have, so batching
+        never changes which arms are evicted.
+        """
         items = _check_items(items)
         features = self._check_features(X, len(items))
         if features is not None and not np.isfinite(features).all():
@@ -473,11 +638,66 @@ class BanditLearner(abc.ABC):
             # The online case: plain Python scalars cost far less than array operations.
             reward = float(rewards[0])
             self._check_rewards(reward, reward)
-            slot = self._table.slot_of(int(items[0])) or int(self._table.ensure(items)[0])
+            slot = self._table.slot_of(int(items[0]))
+            if not slot:
+                if self._max_arms is not None and len(self._table) >= self._max_arms:
+                    self._evict(self._eviction_size())
+                slot = int(self._table.ensure(items)[0])
             self._update_one(slot, None if features is None else features[0], reward)
+            self._clock += 1
+            self._table.arrays[LAST_UPDATE][slot] = self._clock
         elif len(items):
             self._check_rewards(float(rewards.min()), float(rewards.max()))
-            self._update(self._table.ensure(items), features, rewards)
+            start = 0
+            while start < len(items):
+                stop = self._rows_that_fit(items, start)
+                if stop == start:
+                    self._evict(self._eviction_size())
+                    continue
+                rows = slice(start, stop)
+                slots = self._table.ensure(items[rows])
+                self._update(slots, None if features is None else features[rows], rewards[rows])
+                self._table.touch(slots, self._clock + 1)
+                self._clock += stop - start
+                start = stop
+
+    def _rows_that_fit(self, items: np.ndarray, start: int) -> int:
+        """End of the longest run of rows from ``start`` whose new arms fit under the cap."""
+        if self._max_arms is None:
+            return len(items)
+        free = self._max_arms - len(self._table)
+        rest = items[start:]
+        if len(rest) <= free:
+            return len(items)
+        new = np.flatnonzero(self._table.lookup(rest) == 0)
+        _, first = np.unique(rest[new], return_index=True)
+        if len(first) <= free:
+            return len(items)
+        # The row that would register the (free + 1)-th new arm starts the next run.
+        return start + int(np.sort(new[first])[free])
+
+    def _eviction_size(self) -> int:
+        assert self._max_arms is not None
+        return max(1, self._max_arms // EVICTION_DIVISOR)
+
+    def _evict(self, count: int) -> None:
+        """Evict ``count`` arms in the order :meth:`limit_arms` describes."""
+        self._settle()
+        table = self._table
+        labels = table.labels
+        updates = self._arm_updates()
+        tier = (updates >= self._admit_after).astype(np.int64)
+        if len(self._catalog) and len(labels):
+            at = np.minimum(np.searchsorted(self._catalog, labels), len(self._catalog) - 1)
+            tier[self._catalog[at] == labels] = 2
+        chosen = np.lexsort((labels, table.rows(LAST_UPDATE), tier))[:count]
+        for level, reason in enumerate(EVICTION_REASONS):
+            picked = chosen[tier[chosen] == level]
+            if len(picked):
+                arms, held = self._evicted.get(reason, (0, 0.0))
+                self._evicted[reason] = (arms + len(picked), held + float(updates[picked].sum()))
+        table.remove(chosen + 1)
+        self._arms_removed()
 
     def _check_rewards(self, smallest: float, largest: float) -> None:
         """ValueError unless every reward is finite and in range, judged by the extremes.
@@ -528,8 +748,19 @@ class BanditLearner(abc.ABC):
         return out
 
     @classmethod
-    def from_state(cls, state: Mapping[str, np.ndarray], *, seed: int | None = None) -> Self:
-        """A learner holding exactly the statistics and hyperparameters of ``state``."""
+    def from_state(
+        cls,
+        state: Mapping[str, np.ndarray],
+        *,
+        seed: int | None = None,
+        recency: np.ndarray | None = None,
+    ) -> Self:
+        """A learner holding exactly the statistics and hyperparameters of ``state``.
+
+        ``recency`` (from :meth:`recency`) restores the eviction order too; without
+        it every arm counts as last updated at tick 0. Limits are not part of a
+        state: call :meth:`limit_arms` on the result.
+        """
         cls._check_state_keys(state)
         learner = cls(**cls._hyperparameters_of(state), seed=seed)
         labels = np.asarray(state["items"])
@@ -541,6 +772,11 @@ class BanditLearner(abc.ABC):
         for name in cls._arm_statistics:
             prior = learner._table.arrays[name][0]
             arm_stats[name] = _checked_array(state, name, (len(labels), *prior.shape), prior.dtype)
+        if recency is not None:
+            arm_stats[LAST_UPDATE] = _checked_array(
+                {"recency": recency}, "recency", (len(labels),), np.dtype(np.int64)
+            )
+            learner._clock = int(arm_stats[LAST_UPDATE].max()) if len(labels) else 0
         global_stats = {}
         current = learner._global_state()
         for name in cls._global_statistics:
@@ -587,8 +823,11 @@ class BanditLearner(abc.ABC):
         return out
 
     def clone(self) -> Self:
-        """A fresh learner with the same hyperparameters and seed, and no data."""
-        return type(self)(**self.hyperparameters(), seed=self.seed)
+        """A fresh learner with the same hyperparameters, seed, limits and catalog, and no data."""
+        twin = type(self)(**self.hyperparameters(), seed=self.seed)
+        twin.limit_arms(self._max_arms, admit_after=self._admit_after)
+        twin._catalog = self._catalog
+        return twin
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())

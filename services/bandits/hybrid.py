@@ -187,6 +187,16 @@ class HybridLinUCB(BanditLearner):
         self._refresh_arms(np.arange(1, len(self._table) + 1), invert=True)
         self._stale = True
 
+    def _arms_removed(self) -> None:
+        """``A0`` and ``b0`` sum over the arms held.
+
+        An evicted arm's events stay in the shared sums ``Z`` and ``bz`` (they are not
+        kept per arm), so they keep informing β as if that arm's own coefficients
+        were 0; ``A0`` only grows by the arm's dropped ``BᵀA⁻¹B``, so it stays
+        invertible.
+        """
+        self._stale = True
+
     @classmethod
     def _unit_test_params(cls) -> dict[str, Any]:
         return {"arm_dim": 2, "shared_dim": 2, "alpha": 0.7, "ridge": 0.5}

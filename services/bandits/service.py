@@ -6,22 +6,47 @@ partition updates that partition's learners, checkpoints them with the offsets,
 and then publishes them to the parameter store as the part ``p<partition>`` of
 the policy's model. Readers sum the parts, so one process or eight publish the
 same model, and a rebalance only moves which process publishes a part.
+
+Arms are created from item ids that producers send, so each learner is capped
+at ``max_arms`` (:meth:`~services.bandits.BanditLearner.limit_arms`): memory and
+checkpoints stay bounded whatever ids arrive. Every feedback is applied; when a
+learner is full, the arms evicted first are those on probation (fewer than
+``admit_after`` updates), then the least recently updated, and arms of items in
+the published catalog (serving's ``catalog_features``) only when every arm is
+one. The eviction order is a function of the partition's feedback and is
+checkpointed (``.recency/<policy>``), so a partition's part does not depend on
+batching, restarts or which process owns it. Until a learner fills up, the
+merged model equals one learner on all feedback; after, an arm evicted in one
+partition lacks that partition's updates from before the eviction (counted in
+``streamrec_bandits_evicted_updates_total``). The catalog is read from Redis
+when it changes; it only orders eviction, so it cannot make a model differ
+before the cap is reached.
+
+Feedback of a policy no learner here learns from is counted in
+``streamrec_bandits_ignored_total``, labelled by policy only for configured and
+``known_policies`` names (anything else is ``other``), so an invented policy
+name cannot add series.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections import defaultdict
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
+import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.cluster import RedisCluster
 
 from contracts.events import Feedback, decode_feedback
 from contracts.ids import item_labels
+from contracts.keys import KeySpace
 from contracts.params import decode_params, encode_params
 from services.bandits.base import BanditLearner
 from services.bandits.features import feature_dim, policy_features, shared_dim
@@ -39,6 +64,7 @@ from services.common import (
     TopicSettings,
     clients,
 )
+from services.common.clients import REDIS_ERRORS
 from services.common.process import run_consumer_service
 from services.paramstore import ParamStore, StalePublish
 
@@ -50,6 +76,13 @@ DEFAULT_POLICIES: dict[str, dict[str, Any]] = {
     "ts_beta": {"learner": "ts_beta"},
     "egreedy": {"learner": "egreedy", "epsilon": 0.1},
 }
+#: The metric label of a policy name that is neither configured nor known.
+OTHER_POLICY = "other"
+#: Checkpoint arrays named ``RECENCY/<policy>`` hold a learner's eviction order.
+RECENCY = ".recency"
+#: Largest checkpoint of one partition that ``max_arms`` may allow: half of the 512 MB
+#: Redis accepts in one value, leaving room for the rest of the checkpoint write.
+CHECKPOINT_BUDGET_BYTES = 256 * 2**20
 
 
 class BanditsSettings(BaseSettings):
@@ -73,6 +106,21 @@ class BanditsSettings(BaseSettings):
     """``STREAMREC_BANDITS_PUBLISH_INTERVAL_S``: checkpoint + publish this often."""
     seed: int = 0
     """``STREAMREC_BANDITS_SEED``."""
+    max_arms: int = Field(100_000, ge=1)
+    """``STREAMREC_BANDITS_MAX_ARMS``: arms each learner (policy × partition) holds at most;
+    a full one evicts a sixteenth of them, coldest first (see the module doc). An arm of
+    the default policies takes 1,552 bytes of checkpoint (744 for each LinUCB and linear
+    TS arm with 9 context features), 148 MiB per partition at 100k; a value whose
+    checkpoint could pass 256 MiB is refused at start."""
+    admit_after: int = Field(2, ge=1)
+    """``STREAMREC_BANDITS_ADMIT_AFTER``: an arm of an item outside the catalog is on
+    probation, evicted before any other, until it has had this many updates."""
+    catalog_refresh_s: float = Field(5.0, gt=0)
+    """``STREAMREC_BANDITS_CATALOG_REFRESH_S``: how often the catalog version is checked."""
+    known_policies: list[str] = Field(default_factory=lambda: ["random", "drn"])
+    """``STREAMREC_BANDITS_KNOWN_POLICIES``: policies served by others (the random baseline,
+    DRN) whose feedback is ignored here under their own metric label; other names are
+    counted as ``other``."""
 
 
 def build_learner(spec: Mapping[str, Any], settings: BanditsSettings) -> BanditLearner:
@@ -111,10 +159,86 @@ class BanditsMetrics:
         )
         self.ignored = Counter(
             "streamrec_bandits_ignored_total",
-            "Feedback of policies that no learner here learns from.",
+            "Feedback of policies that no learner here learns from (unknown names: other).",
             ["policy"],
             registry=registry,
         )
+        self.arms = Gauge(
+            "streamrec_bandits_arms",
+            "Arms held, by policy, summed over the partitions this process owns.",
+            ["policy"],
+            registry=registry,
+        )
+        self.evicted_arms = Counter(
+            "streamrec_bandits_evicted_arms_total",
+            "Arms evicted from full learners, by policy and reason (probation, cold, catalog).",
+            ["policy", "reason"],
+            registry=registry,
+        )
+        self.evicted_updates = Counter(
+            "streamrec_bandits_evicted_updates_total",
+            "Feedback whose statistics left the model with an evicted arm, by policy and reason.",
+            ["policy", "reason"],
+            registry=registry,
+        )
+
+
+class CatalogSource(Protocol):
+    """Where the labels of the catalog's items come from (sorted, distinct int64)."""
+
+    def labels(self) -> np.ndarray: ...
+
+
+class CatalogLabels:
+    """Labels of the items in the published catalog, re-read when the catalog changes.
+
+    The catalog is serving's ``catalog_features`` hash (written by
+    :func:`services.serving.candidates.publish_catalog`). It is checked on the
+    consumer thread at most every ``refresh_s``: one GET of its version, and
+    HKEYS only when the version moved. If Redis fails, the labels read last keep
+    serving: the catalog only orders eviction, so a stale one costs little.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis | RedisCluster,
+        keys: KeySpace,
+        *,
+        refresh_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._redis = client
+        self._keys = keys
+        self.refresh_s = refresh_s
+        self._clock = clock
+        self._labels = np.empty(0, dtype=np.int64)
+        self._version: int | None = None
+        self._checked = -math.inf
+        self._failing = False
+
+    def labels(self) -> np.ndarray:
+        """The catalog's labels (the same array object until the catalog changes)."""
+        now = self._clock()
+        if now - self._checked >= self.refresh_s:
+            self._checked = now
+            self._refresh()
+        return self._labels
+
+    def _refresh(self) -> None:
+        try:
+            version = int(self._redis.get(self._keys.catalog_version()) or 0)
+            if version != self._version:
+                ids = cast(list[bytes], self._redis.hkeys(self._keys.catalog_features()))
+                self._labels = np.unique(item_labels([raw.decode() for raw in ids]))
+                # The version was read before the keys: a catalog written in between
+                # leaves a newer version behind, so it is read again next time.
+                self._version = version
+        except REDIS_ERRORS as exc:
+            if not self._failing:
+                log.warning("cannot read the item catalog (%s); the last one read serves", exc)
+            self._failing = True
+            return
+        self._failing = False
 
 
 class BanditsProcessor(Processor):
@@ -125,20 +249,85 @@ class BanditsProcessor(Processor):
         settings: BanditsSettings,
         store: ParamStore | None,
         registry: CollectorRegistry | None = None,
+        catalog: CatalogSource | None = None,
     ) -> None:
         for policy, spec in settings.policies.items():
             if spec.get("learner") not in LEARNERS:
                 raise ValueError(f"policy {policy!r}: learner must be one of {sorted(LEARNERS)}")
+            if "/" in policy or policy.startswith("."):
+                raise ValueError(f"policy {policy!r}: names hold no '/' and start with no '.'")
+        per_arm = sum(
+            build_learner(spec, settings).state_bytes_per_arm()
+            for spec in settings.policies.values()
+        )
+        if settings.max_arms * per_arm > CHECKPOINT_BUDGET_BYTES:
+            raise ValueError(
+                f"max_arms={settings.max_arms} lets one partition's checkpoint reach "
+                f"{settings.max_arms * per_arm / 2**20:.0f} MiB ({per_arm} bytes an arm over "
+                f"all policies), over the {CHECKPOINT_BUDGET_BYTES // 2**20} MiB budget; "
+                f"set STREAMREC_BANDITS_MAX_ARMS to at most {CHECKPOINT_BUDGET_BYTES // per_arm}"
+            )
         self.settings = settings
         self.store = store
+        self.catalog = catalog
         self.metrics = BanditsMetrics(registry or CollectorRegistry())
         self.learners: dict[int, dict[str, BanditLearner]] = {}
         self._window: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        self._labelled = {*settings.policies, *settings.known_policies}
+        self._catalog_labels = np.empty(0, dtype=np.int64)
+        self._full: set[tuple[int, str]] = set()
 
     def _fresh(self) -> dict[str, BanditLearner]:
-        return {p: build_learner(spec, self.settings) for p, spec in self.settings.policies.items()}
+        return {
+            p: self._limited(build_learner(spec, self.settings))
+            for p, spec in self.settings.policies.items()
+        }
+
+    def _limited(self, learner: BanditLearner) -> BanditLearner:
+        """``learner`` with this service's cap and the current catalog."""
+        learner.set_catalog(self._catalog_labels)
+        learner.limit_arms(self.settings.max_arms, admit_after=self.settings.admit_after)
+        return learner
+
+    def policy_label(self, policy: str) -> str:
+        """``policy`` as a metric label: itself if configured or known, else ``other``."""
+        return policy if policy in self._labelled else OTHER_POLICY
+
+    def _refresh_catalog(self) -> None:
+        if self.catalog is None:
+            return
+        labels = self.catalog.labels()
+        if labels is not self._catalog_labels:
+            self._catalog_labels = labels
+            for learners in self.learners.values():
+                for learner in learners.values():
+                    learner.set_catalog(labels)
+
+    def _count_evictions(self, partition: int, policy: str, learner: BanditLearner) -> None:
+        evicted = learner.drain_evictions()
+        if not evicted:
+            return
+        if (partition, policy) not in self._full:
+            self._full.add((partition, policy))
+            log.warning(
+                "policy %s, partition %d: %d arms reached max_arms=%d; evicting the coldest"
+                " (streamrec_bandits_evicted_*)",
+                policy,
+                partition,
+                learner.n_arms,
+                self.settings.max_arms,
+            )
+        for reason, (arms, updates) in evicted.items():
+            self.metrics.evicted_arms.labels(policy, reason).inc(arms)
+            self.metrics.evicted_updates.labels(policy, reason).inc(updates)
+
+    def _count_arms(self) -> None:
+        for policy in self.settings.policies:
+            held = sum(learners[policy].n_arms for learners in self.learners.values())
+            self.metrics.arms.labels(policy).set(held)
 
     def apply(self, records: list[Record], ctx: Context) -> list[Rejection]:
+        self._refresh_catalog()
         rejected: list[Rejection] = []
         grouped: dict[tuple[int, str], list[Feedback]] = defaultdict(list)
         for record in records:
@@ -148,7 +337,7 @@ class BanditsProcessor(Processor):
             elif fb.policy in self.settings.policies:
                 targets = [fb.policy]
             else:
-                self.metrics.ignored.labels(fb.policy).inc()
+                self.metrics.ignored.labels(self.policy_label(fb.policy)).inc()
                 continue
             if reason := self._invalid(fb, targets):
                 rejected.append(Rejection(record, reason))
@@ -166,9 +355,11 @@ class BanditsProcessor(Processor):
             rewards = np.array([fb.reward for fb in batch], dtype=np.float64)
             X = policy_features(learner.name, context, item_features)
             learner.update(item_labels([fb.item_id for fb in batch]), X, rewards)
+            self._count_evictions(partition, policy, learner)
             self.metrics.updates.labels(policy).inc(len(batch))
             self.metrics.rewards.labels(policy).inc(float(rewards.sum()))
             self._track_ctr(policy, rewards)
+        self._count_arms()
         return rejected
 
     def _invalid(self, fb: Feedback, targets: list[str]) -> str | None:
@@ -198,6 +389,11 @@ class BanditsProcessor(Processor):
             for policy, learner in self.learners[partition].items()
             for name, array in learner.state().items()
         }
+        # The eviction order, so a restored learner evicts as this one would (not published).
+        arrays |= {
+            f"{RECENCY}/{policy}": learner.recency()
+            for policy, learner in self.learners[partition].items()
+        }
         return encode_params("bandits", 0, arrays, meta={"partition": partition})
 
     def restore(self, partition: int, checkpoint: Checkpoint | None) -> Mapping[str, int] | None:
@@ -211,14 +407,21 @@ class BanditsProcessor(Processor):
                     if name.split("/", 1)[0] == policy
                 }
                 if state:
-                    # Statistics are kept; hyperparameters come from the current config.
+                    # Statistics are kept; hyperparameters and limits come from the current
+                    # config (a lower max_arms evicts at once).
                     state |= {k: v for k, v in learner.state().items() if v.ndim == 0}
-                    learners[policy] = type(learner).from_state(state, seed=self.settings.seed)
+                    restored = type(learner).from_state(
+                        state, seed=self.settings.seed, recency=saved.get(f"{RECENCY}/{policy}")
+                    )
+                    learners[policy] = self._limited(restored)
+                    self._count_evictions(partition, policy, restored)
         self.learners[partition] = learners
+        self._count_arms()
         return None
 
     def revoke(self, partition: int) -> None:
         self.learners.pop(partition, None)
+        self._count_arms()
 
     def after_checkpoint(self, checkpoints: Mapping[int, Checkpoint]) -> None:
         if self.store is None:
@@ -254,11 +457,16 @@ def build_runtime(
     store = ParamStore(
         clients.redis_client(redis_settings), keys=redis_settings.keys(), registry=registry
     )
+    catalog = CatalogLabels(
+        clients.redis_client(redis_settings),
+        redis_settings.keys(),
+        refresh_s=settings.catalog_refresh_s,
+    )
     return ConsumerRuntime(
         service="bandits",
         group=settings.group,
         inputs={topics.feedback: decode_feedback},
-        processor=BanditsProcessor(settings, store, registry),
+        processor=BanditsProcessor(settings, store, registry, catalog),
         kafka=KafkaSettings(),
         redis_settings=redis_settings,
         topics=topics,

@@ -79,6 +79,10 @@ class BetaThompson(BanditLearner):
     def _rebuild(self) -> None:
         """Nothing is derived: the counts are the posterior."""
 
+    def _arm_updates(self) -> np.ndarray:
+        """Successes plus failures: the update count, or its decayed mass with ``discount``."""
+        return self._table.rows("successes") + self._table.rows("failures")
+
     @classmethod
     def _unit_test_params(cls) -> dict[str, Any]:
         return {"prior_alpha": 1.5, "prior_beta": 2.0}

@@ -125,7 +125,9 @@ def consumer(settings: KafkaSettings, group_id: str | None, **overrides: Any) ->
     options: dict[str, Any] = settings.common() | {
         "group_id": group_id,
         "enable_auto_commit": False,
-        "auto_offset_reset": "earliest",
+        # Positions come from checkpoints; one Kafka no longer has is the runtime's to
+        # handle (and count), never a silent reset.
+        "auto_offset_reset": "none",
         "fetch_max_wait_ms": settings.fetch_max_wait_ms,
         "max_poll_interval_ms": settings.max_poll_interval_ms,
         "session_timeout_ms": settings.session_timeout_ms,

@@ -86,6 +86,26 @@ class ConsumerMetrics:
             ["service"],
             registry=registry,
         )
+        self.out_of_range = Counter(
+            "streamrec_consumer_offsets_out_of_range_total",
+            "Positions Kafka no longer had: behind the log start (deleted by retention) or "
+            "ahead of the log end (log truncated or topic recreated).",
+            ["service", "topic", "where"],
+            registry=registry,
+        )
+        self.skipped = Counter(
+            "streamrec_consumer_records_skipped_total",
+            "Records never applied because Kafka deleted them before they were read.",
+            ["service", "topic"],
+            registry=registry,
+        )
+        self.paused = Gauge(
+            "streamrec_consumer_paused_partitions",
+            "Partitions paused because their checkpoint is past the log end "
+            "(STREAMREC_RUNTIME_OFFSET_RESET=pause) until an operator acts.",
+            ["service"],
+            registry=registry,
+        )
         self.assigned = Gauge(
             "streamrec_consumer_assigned_partitions",
             "Partition numbers this process owns.",

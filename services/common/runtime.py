@@ -25,16 +25,18 @@ emitting processor is deterministic given its input (see docs/decisions.md).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.errors import KafkaError, OffsetOutOfRangeError
 from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
@@ -135,6 +137,9 @@ class Processor(ABC):
     """
 
     checkpoint_all_owned: bool = False
+    #: Input topics that carry control records for this processor, with their decoder;
+    #: a control record on any other topic is dead-lettered.
+    controls: Mapping[str, Decoder] = MappingProxyType({})
 
     @abstractmethod
     def apply(self, records: list[Record], ctx: Context) -> list[Rejection]:
@@ -158,7 +163,8 @@ class Processor(ABC):
         """Drop the state of a partition this process no longer owns."""
 
     def control(self, record: Record, ctx: Context) -> None:  # noqa: B027 - optional hook
-        """A control record (header ``streamrec-control``) from an input topic."""
+        """A control record (header ``streamrec-control``) from one of :attr:`controls`'
+        topics; ``record.value`` is what that topic's control decoder returned."""
 
     def tick(self, now: float, ctx: Context) -> None:  # noqa: B027 - optional hook
         """Called after every poll, also when it returned nothing."""
@@ -191,8 +197,78 @@ class _Rebalance(ConsumerRebalanceListener):
         self.runtime._on_lost(lost)
 
 
+#: Producer sources one consumed partition keeps sequence marks for; a record from a
+#: further source is dead-lettered (bounds the checkpoint against spoofed sources).
+MAX_SOURCES = 1024
+_SOURCE = re.compile(r"[A-Za-z0-9._-]{1,128}:[0-9]{1,6}")
+
+
+def _check_stamp(
+    tp: TopicPartition, headers: Mapping[str, Any], dedupe: dict[str, int]
+) -> tuple[str, str | None]:
+    """Check a record's producer stamp (source, sequence number) against the marks.
+
+    Returns the outcome (``ok``: apply it; ``duplicate``; ``dead_letter``) and, for a
+    dead letter, the reason. An emitter numbers the records it sends to one
+    partition 0, 1, 2, ... and re-sends from its checkpoint after a crash, so a
+    sequence number at or below the mark is a re-emission, the next one is new,
+    and a jump is not something an emitter does: it is dead-lettered without
+    moving the mark (a spoofed huge number must not silence the real source).
+    """
+    source, raw_seq = headers.get(SOURCE_HEADER), headers.get(SEQ_HEADER)
+    if source is None and raw_seq is None:
+        return "ok", None
+    if not isinstance(source, bytes) or not _SOURCE.fullmatch(source.decode("latin-1")):
+        return "dead_letter", f"invalid header: {SOURCE_HEADER} must be 'group:partition'"
+    if not isinstance(raw_seq, bytes) or not raw_seq.isdigit() or len(raw_seq) > 18:
+        return "dead_letter", f"invalid header: {SEQ_HEADER} must be a non-negative integer"
+    seq = int(raw_seq)
+    mark = f"{tp.topic}|{tp.partition}|{source.decode()}"
+    last = dedupe.get(mark)
+    if last is None and len(dedupe) >= MAX_SOURCES:
+        return "dead_letter", f"invalid header: more than {MAX_SOURCES} producer sources"
+    if last is not None and seq <= last:
+        return "duplicate", None
+    if last is not None and seq != last + 1:
+        return "dead_letter", (
+            f"sequence gap: {source.decode()} sent {seq} after {last} (emitters number "
+            "records one by one; a jump is a spoofed or damaged stamp)"
+        )
+    dedupe[mark] = seq
+    return "ok", None
+
+
 def _reason_category(reason: str) -> str:
     return reason.split(":", 1)[0].strip().replace(" ", "_")[:32] or "unknown"
+
+
+@dataclass
+class Connections:
+    """What a runtime talks to: a Kafka consumer and producer, and a checkpoint store.
+
+    :meth:`kafka_and_redis` builds the real ones from settings; unit tests inject
+    an in-memory broker and store with the same interfaces (tests/harness.py).
+    """
+
+    #: Makes the group's consumer (subscribe, poll, seek, pause, commit_async, ...).
+    consumer: Callable[[str], Any]
+    #: Makes the producer of emitted, dead-lettered and control records.
+    producer: Callable[[], Any]
+    #: The group's checkpoints: ``claim``, ``save``, ``load`` as :class:`CheckpointStore`.
+    checkpoints: Any
+    close: Callable[[], None] = lambda: None
+
+    @classmethod
+    def kafka_and_redis(
+        cls, kafka: KafkaSettings, redis_settings: RedisSettings, group: str
+    ) -> Connections:
+        client = clients.redis_client(redis_settings)
+        return cls(
+            consumer=lambda name: clients.consumer(kafka, name),
+            producer=lambda: clients.producer(kafka),
+            checkpoints=CheckpointStore(client, redis_settings.keys(), group),
+            close=client.close,
+        )
 
 
 class ConsumerRuntime:
@@ -205,29 +281,32 @@ class ConsumerRuntime:
         group: str,
         inputs: Mapping[str, Decoder],
         processor: Processor,
-        kafka: KafkaSettings,
-        redis_settings: RedisSettings,
         topics: TopicSettings,
+        kafka: KafkaSettings | None = None,
+        redis_settings: RedisSettings | None = None,
         settings: RuntimeSettings | None = None,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
+        connections: Connections | None = None,
     ) -> None:
         self.service = service
         self.group = group
         self.inputs = dict(inputs)
         self.processor = processor
-        self.kafka = kafka
+        self.kafka = kafka or KafkaSettings()
         self.topics = topics
         self.settings = settings or RuntimeSettings()
         self.registry = registry or CollectorRegistry()
         self.metrics = ConsumerMetrics(self.registry, service)
         self.clock = clock
-        self.redis = clients.redis_client(redis_settings)
-        self.store = CheckpointStore(self.redis, redis_settings.keys(), group)
+        self.connections = connections or Connections.kafka_and_redis(
+            self.kafka, redis_settings or RedisSettings(), group
+        )
+        self.store = self.connections.checkpoints
         self.stopping = threading.Event()
         self.ctx = Context(self)
-        self._consumer: KafkaConsumer | None = None
-        self._producer_client: KafkaProducer | None = None
+        self._consumer: Any = None
+        self._producer_client: Any = None
         self._owned: dict[int, Checkpoint] = {}
         self._positions: dict[TopicPartition, int] = {}
         self._dirty: set[int] = set()
@@ -239,6 +318,8 @@ class ConsumerRuntime:
         #: Records emitted or dead-lettered since the last checkpoint, until Kafka acks them.
         self._sends: list[FutureRecordMetadata] = []
         self._sources: dict[int, bytes] = {}  # source partition -> its header value
+        #: Partitions paused because their offset is past the log end (offset_reset=pause).
+        self._paused: set[TopicPartition] = set()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -263,7 +344,7 @@ class ConsumerRuntime:
     def open(self) -> None:
         """Join the consumer group (what :meth:`run` starts with; a caller that
         drives :meth:`poll_once` itself calls this, then :meth:`close`)."""
-        self._consumer = clients.consumer(self.kafka, self.group)
+        self._consumer = self.connections.consumer(self.group)
         # Known partitions before joining: a group leader without them assigns none
         # and only notices at its next metadata refresh (minutes later).
         self.partition_counts = {topic: self._partitions_of(topic) for topic in self.inputs}
@@ -289,6 +370,10 @@ class ConsumerRuntime:
             polled = self._consumer.poll(
                 timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_batch
             )
+        except OffsetOutOfRangeError as exc:
+            positions = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+            self._out_of_range(positions)
+            polled = {}
         except KafkaError as exc:
             if not exc.retriable:
                 raise
@@ -326,7 +411,7 @@ class ConsumerRuntime:
                 self._consumer.close(autocommit=False)
             if self._producer_client is not None:
                 self._producer_client.close(timeout=10)
-            self.redis.close()
+            self.connections.close()
             log.info("%s stopped", self.service)
 
     # -- the batch path --------------------------------------------------------
@@ -347,17 +432,15 @@ class ConsumerRuntime:
                         # In log order: what precedes the control record is applied first.
                         self._apply(good, outcomes)
                         good = []
-                        self.processor.control(self._record(raw, None), self.ctx)
-                        outcomes[(tp.topic, "control")] += 1
+                        outcome = self._control(raw)
+                        outcomes[(tp.topic, outcome)] += 1
                         continue
-                    source = headers.get(SOURCE_HEADER)
-                    if source is not None:
-                        mark = f"{tp.topic}|{tp.partition}|{source.decode()}"
-                        seq = int(headers[SEQ_HEADER])
-                        if seq <= dedupe.get(mark, -1):
-                            outcomes[(tp.topic, "duplicate")] += 1
-                            continue
-                        dedupe[mark] = seq
+                    outcome, reason = _check_stamp(tp, headers, dedupe)
+                    if reason is not None:
+                        self._dead_letter(self._record(raw, None), reason)
+                    if outcome != "ok":
+                        outcomes[(tp.topic, outcome)] += 1
+                        continue
                 try:
                     good.append(self._record(raw, decode(raw.value)))
                 except EventError as exc:
@@ -370,6 +453,21 @@ class ConsumerRuntime:
         for (topic, outcome), n in outcomes.items():
             if n:
                 self.metrics.events.labels(self.service, topic, outcome).inc(n)
+
+    def _control(self, raw: Any) -> str:
+        """Hand a control record to the processor if its topic carries control records
+        for it and it decodes; dead-letter it otherwise. Returns the outcome."""
+        decode = self.processor.controls.get(raw.topic)
+        if decode is None:
+            reason = f"unexpected control record: {self.service} reads none from {raw.topic}"
+        else:
+            try:
+                self.processor.control(self._record(raw, decode(raw.value)), self.ctx)
+                return "control"
+            except EventError as exc:
+                reason = f"invalid control record: {exc.reason}"
+        self._dead_letter(self._record(raw, None), reason)
+        return "dead_letter"
 
     def _apply(self, good: list[Record], outcomes: dict[tuple[str, str], int]) -> None:
         if not good:
@@ -390,9 +488,9 @@ class ConsumerRuntime:
 
     # -- output ----------------------------------------------------------------
 
-    def _producer(self) -> KafkaProducer:
+    def _producer(self) -> Any:
         if self._producer_client is None:
-            self._producer_client = clients.producer(self.kafka)
+            self._producer_client = self.connections.producer()
         return self._producer_client
 
     def _emit(
@@ -580,8 +678,59 @@ class ConsumerRuntime:
                 else:
                     self._consumer.seek_to_beginning(tp)
         self._consumer.resume(*assigned)  # partitions paused when fenced are owned again
+        self._paused.difference_update(assigned)
+        self.metrics.paused.labels(self.service).set(len(self._paused))
         self.metrics.assigned.labels(self.service).set(len(self._owned))
         log.info("assigned partitions %s (restored %s)", numbers, sorted(found))
+
+    # -- offsets out of range ----------------------------------------------------
+
+    def _out_of_range(self, positions: Mapping[TopicPartition, int]) -> None:
+        """Kafka no longer has the records at these positions: decide, count and say so.
+
+        Below the log start (retention deleted records this service had not read
+        yet), resuming at the log start applies nothing twice; the records in
+        between are gone and counted. Past the log end (the log was truncated,
+        or the topic deleted and created again, after the checkpoint), whether
+        the records there were applied cannot be told from here, so
+        ``STREAMREC_RUNTIME_OFFSET_RESET`` decides: ``pause`` the partition until
+        an operator acts (the default), re-read from the ``earliest`` record, or
+        skip to the ``latest``.
+        """
+        assert self._consumer is not None
+        for tp, offset in positions.items():
+            start = self._consumer.beginning_offsets([tp])[tp]
+            end = self._consumer.end_offsets([tp])[tp]
+            where = "behind" if offset < start else "ahead"
+            self.metrics.out_of_range.labels(self.service, tp.topic, where).inc()
+            if where == "behind":
+                self.metrics.skipped.labels(self.service, tp.topic).inc(start - offset)
+                log.error(
+                    "%s[%d]: offset %d is below the log start %d: %d records were deleted "
+                    "before %s read them; resuming at %d",
+                    tp.topic, tp.partition, offset, start, start - offset, self.service, start,
+                )  # fmt: skip
+                self._seek(tp, start)
+                continue
+            policy = self.settings.offset_reset
+            log.error(
+                "%s[%d]: checkpointed offset %d is past the log end %d (log truncated, or "
+                "topic recreated); STREAMREC_RUNTIME_OFFSET_RESET=%s",
+                tp.topic, tp.partition, offset, end, policy,
+            )  # fmt: skip
+            if policy == "earliest":
+                self._seek(tp, start)
+            elif policy == "latest":
+                self._seek(tp, end)
+            else:
+                self._consumer.pause(tp)
+                self._paused.add(tp)
+                self.metrics.paused.labels(self.service).set(len(self._paused))
+
+    def _seek(self, tp: TopicPartition, offset: int) -> None:
+        assert self._consumer is not None
+        self._consumer.seek(tp, offset)
+        self._positions[tp] = offset
 
     # -- lag -------------------------------------------------------------------
 

@@ -174,3 +174,10 @@ class RuntimeSettings(BaseSettings):
     """``STREAMREC_RUNTIME_METRICS_HOST``: 0.0.0.0 in containers."""
     lag_interval_s: float = Field(5.0, gt=0)
     """``STREAMREC_RUNTIME_LAG_INTERVAL_S``: how often consumer lag is measured."""
+    offset_reset: Literal["pause", "earliest", "latest"] = "pause"
+    """``STREAMREC_RUNTIME_OFFSET_RESET``: what to do with a partition whose checkpointed
+    offset is past the end of its log (the log was truncated or the topic recreated):
+    ``pause`` it until an operator acts (alert ``StreamrecOffsetsOutOfRange``),
+    re-read from the ``earliest`` record (may apply records twice), or skip to the
+    ``latest`` (may skip records). An offset below the log start (retention deleted
+    unread records) always resumes at the log start; the records lost are counted."""

@@ -13,6 +13,15 @@ The gradients of the SGNS loss are written out in closed form and applied with
 whatever the vocabulary size, and the tables can be reallocated when they grow
 without any optimizer state to carry over.
 
+Item ids come from whoever sends clicks, so ``max_items`` bounds the vocabulary:
+when a batch leaves more than ``max_items`` items, the least recently seen are
+forgotten (an item is seen when it appears in a sequence), rows and counts
+alike, down to ``max_items - max_items // 16``; the slack makes a steady trickle
+of new items pay for one compaction of the tables per sixteenth of the cap, not
+one per batch. A forgotten item that comes back starts from a fresh row.
+:meth:`Item2Vec.drain_evicted` names the forgotten ids, so that whatever else is
+kept per item (popularity, the published index) can forget them too.
+
 >>> import torch; torch.set_num_threads(1)
 >>> model = Item2Vec(dim=8, window=2, seed=0)
 >>> loss = model.learn_sequences([["a", "b", "c"], ["b", "c", "d"]])
@@ -42,6 +51,10 @@ UNIGRAM_POWER = 0.75
 
 _INT_HYPERPARAMETERS = ("dim", "window", "negatives", "batch_size")
 _STATE_ARRAYS = ("in_vectors", "out_vectors", "counts", "item_id_bytes", "item_id_offsets")
+#: Optional in a state (older states lack it): the clock tick each item was last seen at.
+_LAST_SEEN = "last_seen"
+#: Over ``max_items``, the vocabulary is cut to ``max_items - max_items // _EVICTION_DIVISOR``.
+_EVICTION_DIVISOR = 16
 
 
 class Item2Vec:
@@ -56,6 +69,9 @@ class Item2Vec:
             into shuffled steps of this size so that a popular item's accumulated
             update within one step stays bounded.
         seed: seeds the generator for row initialisation, shuffling and negatives.
+        max_items: most items kept after each batch (the least recently seen are
+            forgotten, see the module doc); None keeps every item. A setting, not
+            part of the state.
     """
 
     def __init__(
@@ -67,6 +83,7 @@ class Item2Vec:
         lr: float = 0.025,
         batch_size: int = 1024,
         seed: int | None = None,
+        max_items: int | None = None,
     ) -> None:
         for name, value in (("dim", dim), ("window", window), ("batch_size", batch_size)):
             if int(value) != value or value < 1:
@@ -75,6 +92,9 @@ class Item2Vec:
             raise ValueError(f"negatives must be a non-negative integer, got {negatives!r}")
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        if max_items is not None and (int(max_items) != max_items or max_items < 1):
+            raise ValueError(f"max_items must be a positive integer or None, got {max_items!r}")
+        self.max_items = None if max_items is None else int(max_items)
         self.dim = int(dim)
         self.window = int(window)
         self.negatives = int(negatives)
@@ -88,6 +108,10 @@ class Item2Vec:
         self._in = torch.zeros((0, self.dim), dtype=torch.float32)
         self._out = torch.zeros((0, self.dim), dtype=torch.float32)
         self._counts = np.zeros(0, dtype=np.int64)
+        # Clock tick (items seen so far) at each row's last sighting; orders eviction.
+        self._last_seen = np.zeros(0, dtype=np.int64)
+        self._clock = 0
+        self._evicted: list[str] = []
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -102,11 +126,37 @@ class Item2Vec:
 
         An item is never paired with itself (repeat clicks within ``window``).
         Returns ``nan`` when the batch holds no pair (all sequences shorter than
-        two clicks).
+        two clicks). With ``max_items``, items are forgotten after the batch is
+        learned (the batch's items are the most recent, so they go last).
         """
         if isinstance(sequences, str):
             raise ValueError("sequences must be a list of lists of item ids, got a str")
+        for sequence in sequences:
+            if isinstance(sequence, str):
+                raise ValueError("each sequence must be a list of item ids, got a str")
         encoded = [self._encode_growing(sequence) for sequence in sequences]
+        if encoded:
+            rows = np.concatenate(encoded)
+            np.add.at(self._counts, rows, 1)
+            ticks = np.arange(self._clock + 1, self._clock + len(rows) + 1, dtype=np.int64)
+            np.maximum.at(self._last_seen, rows, ticks)
+            self._clock += len(rows)
+        loss = self._learn(encoded)
+        self._trim()
+        return loss
+
+    def _trim(self) -> None:
+        """Forget the least recently seen items if there are more than ``max_items``."""
+        if self.max_items is not None and len(self) > self.max_items:
+            keep = self.max_items - self.max_items // _EVICTION_DIVISOR
+            self._evict(len(self) - keep)
+
+    def drain_evicted(self) -> list[str]:
+        """Ids forgotten since the last call, oldest sighting first."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def _learn(self, encoded: list[np.ndarray]) -> float:
         centers, contexts = self._pairs(encoded)
         if len(centers) == 0:
             return float("nan")
@@ -144,8 +194,9 @@ class Item2Vec:
         """The whole learner as named numeric arrays (no object dtype, no pickle).
 
         Holds both tables, the counts, the item ids (UTF-8 bytes plus offsets),
-        the hyperparameters and the generator state, so that :meth:`from_state`
-        continues exactly where this learner stands.
+        when each item was last seen, the hyperparameters and the generator
+        state, so that :meth:`from_state` continues exactly where this learner
+        stands (``max_items`` is a setting, given again to :meth:`from_state`).
         """
         encoded = [item.encode("utf-8") for item in self._ids]
         offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
@@ -155,6 +206,7 @@ class Item2Vec:
             "in_vectors": self._in[:n].numpy().copy(),
             "out_vectors": self._out[:n].numpy().copy(),
             "counts": self._counts[:n].copy(),
+            _LAST_SEEN: self._last_seen[:n].copy(),
             "item_id_bytes": np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
             "item_id_offsets": offsets,
             "lr": np.array(self.lr, dtype=np.float64),
@@ -165,15 +217,23 @@ class Item2Vec:
         return state
 
     @classmethod
-    def from_state(cls, state: Mapping[str, np.ndarray]) -> Item2Vec:
-        """Rebuild a learner from :meth:`state`; raises ``ValueError`` on malformed state."""
+    def from_state(
+        cls, state: Mapping[str, np.ndarray], *, max_items: int | None = None
+    ) -> Item2Vec:
+        """Rebuild a learner from :meth:`state`; raises ``ValueError`` on malformed state.
+
+        A state without ``last_seen`` (written before it was kept) counts its rows'
+        order, the order of first sightings, as the order of last ones. A state
+        with more than ``max_items`` items is cut down at once
+        (:meth:`drain_evicted` names what went).
+        """
         missing = [
             k for k in (*_STATE_ARRAYS, *_INT_HYPERPARAMETERS, "lr", "rng_state") if k not in state
         ]
         if missing:
             raise ValueError(f"Item2Vec state is missing arrays: {missing}")
         ints = {name: int(np.asarray(state[name])) for name in _INT_HYPERPARAMETERS}
-        model = cls(**ints, lr=float(np.asarray(state["lr"])))
+        model = cls(**ints, lr=float(np.asarray(state["lr"])), max_items=max_items)
         raw = np.asarray(state["item_id_bytes"], dtype=np.uint8).tobytes()
         offsets = np.asarray(state["item_id_offsets"], dtype=np.int64)
         n = len(offsets) - 1
@@ -189,25 +249,52 @@ class Item2Vec:
                 )
         if np.shape(state["counts"]) != (n,):
             raise ValueError(f"counts has shape {np.shape(state['counts'])}, expected ({n},)")
+        if _LAST_SEEN in state:
+            if np.shape(state[_LAST_SEEN]) != (n,):
+                raise ValueError(
+                    f"last_seen has shape {np.shape(state[_LAST_SEEN])}, expected ({n},)"
+                )
+            last_seen = np.array(state[_LAST_SEEN], dtype=np.int64)
+        else:
+            last_seen = np.arange(1, n + 1, dtype=np.int64)
         model._ids = ids
         model._index = {item: row for row, item in enumerate(ids)}
         model._in = torch.from_numpy(np.array(state["in_vectors"], dtype=np.float32))
         model._out = torch.from_numpy(np.array(state["out_vectors"], dtype=np.float32))
         model._counts = np.array(state["counts"], dtype=np.int64)
+        model._last_seen = last_seen
+        model._clock = int(last_seen.max()) if n else 0
         _set_rng_words(model._rng, np.asarray(state["rng_state"]))
+        model._trim()
         return model
 
     def _encode_growing(self, sequence: Sequence[str]) -> np.ndarray:
-        if isinstance(sequence, str):
-            raise ValueError("each sequence must be a list of item ids, got a str")
         rows = np.empty(len(sequence), dtype=np.int64)
         for position, item in enumerate(sequence):
             row = self._index.get(item)
             if row is None:
                 row = self._add(item)
             rows[position] = row
-        np.add.at(self._counts, rows, 1)
         return rows
+
+    def _evict(self, count: int) -> None:
+        """Forget the ``count`` least recently seen items, keeping the others' row order."""
+        n = len(self)
+        gone = np.argsort(self._last_seen[:n], kind="stable")[:count]
+        kept = np.ones(n, dtype=bool)
+        kept[gone] = False
+        rows = torch.from_numpy(np.flatnonzero(kept))
+        m = len(rows)
+        self._evicted += [self._ids[row] for row in gone.tolist()]
+        self._ids = [item for item, keep in zip(self._ids, kept.tolist(), strict=True) if keep]
+        self._index = {item: row for row, item in enumerate(self._ids)}
+        for table in (self._in, self._out):
+            table[:m] = table[rows]
+            table[m:n] = 0.0  # a new item's output row starts at zero
+        self._counts[:m] = self._counts[:n][kept]
+        self._counts[m:n] = 0
+        self._last_seen[:m] = self._last_seen[:n][kept]
+        self._last_seen[m:n] = 0
 
     def _add(self, item: str) -> int:
         row = len(self._ids)
@@ -230,6 +317,9 @@ class Item2Vec:
         counts = np.zeros(capacity, dtype=np.int64)
         counts[:n] = self._counts[:n]
         self._counts = counts
+        last_seen = np.zeros(capacity, dtype=np.int64)
+        last_seen[:n] = self._last_seen[:n]
+        self._last_seen = last_seen
 
     def _pairs(self, encoded: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         centers: list[np.ndarray] = []

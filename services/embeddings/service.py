@@ -29,9 +29,20 @@ others holding an empty state; the stored model always matches the stored
 offsets of every partition. A checkpoint happens every
 ``publish_interval_s`` (default 30 s), or as soon as ``publish_every`` clicks
 arrived since the last one. Its cost is the encoded state written to Redis: two
-``(items, dim)`` float32 tables plus counts, ~260 bytes an item at ``dim`` 32,
-26 MB at 100k items (about 0.1-0.3 s); beyond a few hundred thousand items
-the state belongs in the snapshot store rather than in a Redis checkpoint.
+``(items, dim)`` float32 tables, counts and last sightings, and the popularity
+and first-click records, each keyed by the item id: ~320 bytes an item at
+``dim`` 32 with 10-byte ids, 32 MB at 100k items (about 0.1-0.3 s).
+
+Item ids come from producers, so the vocabulary is capped at ``max_items``
+(default 200k: ~65 MB with short ids, 270 MB if every id took the 512 bytes of
+128 four-byte characters, below the 512 MB Redis takes in one value): past it
+the least recently clicked items are forgotten (down to 15/16 of it), by the
+model and by the popularity and first-click records together
+(``streamrec_embeddings_evicted_items_total``), so the popular and fresh lists
+only ever name items the published index holds. A user's earlier click on a
+forgotten item pairs with nothing: only a new click brings an item back. Beyond
+a few hundred thousand items the state belongs in the snapshot store rather
+than in a Redis checkpoint.
 After every checkpoint that changed the model, a background thread builds the
 index over the normalised vectors (``index_kind``: flat by default, hnsw or
 ivfpq), writes it to the snapshot store (``STREAMREC_SNAPSHOT_DIR``), moves the
@@ -39,7 +50,12 @@ Redis pointer (``KeySpace.index_current(index_name)``) and replaces the popular
 and fresh lists. The snapshot therefore never reflects clicks that a crash could
 roll back, and a slow build (HNSW over millions of items) never stalls the
 consumer loop; a build still running when the next is due makes the next one
-wait and only the newest waiting one is built.
+wait and only the newest waiting one is built. A publish that fails (the
+snapshot disk full, Redis unreachable) is counted
+(``streamrec_embeddings_publish_failures_total``), leaves the pointer on the
+last good snapshot and is tried again every ``publish_interval_s`` (or replaced
+by a newer one) until one succeeds, new clicks or not: the checkpoint goes on
+meanwhile, so the published index lags the model but loses nothing.
 """
 
 from __future__ import annotations
@@ -92,7 +108,7 @@ class EmbeddingsSettings(BaseSettings):
     """Embeddings service settings (``STREAMREC_EMBEDDINGS_*``)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="STREAMREC_EMBEDDINGS_", env_file=".env", extra="ignore"
+        env_prefix="STREAMREC_EMBEDDINGS_", env_file=".env", extra="ignore", populate_by_name=True
     )
 
     group: str = SERVICE
@@ -122,6 +138,8 @@ class EmbeddingsSettings(BaseSettings):
     """``STREAMREC_EMBEDDINGS_NEGATIVES``: negative samples per pair."""
     lr: float = Field(0.025, gt=0)
     """``STREAMREC_EMBEDDINGS_LR``: SGD step size."""
+    max_items: int = Field(200_000, ge=1)
+    """``STREAMREC_EMBEDDINGS_MAX_ITEMS``: items kept (least recently clicked forgotten first)."""
     max_users: int = Field(200_000, ge=1)
     """``STREAMREC_EMBEDDINGS_MAX_USERS``: click windows kept in memory (least recent dropped)."""
     popularity_half_life_s: float = Field(3600.0, gt=0)
@@ -164,7 +182,13 @@ class EmbeddingsMetrics:
         )
         self.publish_failures = Counter(
             "streamrec_embeddings_publish_failures",
-            "Snapshot builds or publishes that failed (the next checkpoint retries).",
+            "Snapshot builds or publishes that failed (a full snapshot disk, Redis away); "
+            "retried every publish interval, or with the next checkpoint, until one succeeds.",
+            registry=registry,
+        )
+        self.evicted = Counter(
+            "streamrec_embeddings_evicted_items",
+            "Items forgotten (least recently clicked first) to keep max_items.",
             registry=registry,
         )
 
@@ -216,6 +240,12 @@ class ItemStats:
         if item_id not in self.first_seen:
             self.first_seen[item_id] = ts
         self.latest = max(self.latest, ts)
+
+    def forget(self, item_ids: list[str]) -> None:
+        """Drop what is kept of ``item_ids`` (a forgotten item clicked again is new)."""
+        for item in item_ids:
+            self.scores.pop(item, None)
+            self.first_seen.pop(item, None)
 
     def _rebase(self, base: float) -> None:
         assert self.base is not None
@@ -294,7 +324,11 @@ class SnapshotPublisher:
         index_name: str,
         spec: IndexSpec,
         metrics: EmbeddingsMetrics,
+        retry_interval_s: float = 30.0,
     ) -> None:
+        if not (math.isfinite(retry_interval_s) and retry_interval_s > 0):
+            raise ValueError(f"retry_interval_s must be positive, got {retry_interval_s!r}")
+        self.retry_interval_s = float(retry_interval_s)
         self.redis = client
         self.pointer_key = keys.index_current(index_name)
         self.catalog = keys
@@ -323,17 +357,33 @@ class SnapshotPublisher:
         self.redis.close()
 
     def _run(self) -> None:
+        # A job that failed is tried again every retry interval until it succeeds or a
+        # newer one replaces it: the next checkpoint only comes with new clicks, and a
+        # quiet stream must not leave the published index behind the model for good.
+        failed: PublishJob | None = None
         while True:
             with self._wake:
-                self._wake.wait_for(lambda: self._pending is not None or self._closing)
+                self._wake.wait_for(
+                    lambda: self._pending is not None or self._closing,
+                    timeout=None if failed is None else self.retry_interval_s,
+                )
                 job, self._pending = self._pending, None
-                if job is None:
-                    return
+                closing = self._closing
+            if job is None:
+                job, failed = failed, None
+            if job is None:
+                return  # closing, and nothing left to publish
             try:
                 self.publish(job)
             except Exception:  # noqa: BLE001 - logged; the background loop must outlive any one failure
                 self.metrics.publish_failures.inc()
-                log.exception("snapshot publish failed; the next checkpoint retries")
+                log.exception(
+                    "snapshot publish failed; retrying in %.1f s or with the next checkpoint",
+                    self.retry_interval_s,
+                )
+                failed = None if closing else job  # stopping: one last try, no more
+            else:
+                failed = None
 
     def publish(self, job: PublishJob) -> int | None:
         """Build, write and point at one snapshot, then replace the item lists."""
@@ -387,11 +437,26 @@ class EmbeddingsProcessor(Processor):
 
     def _fresh_model(self) -> Item2Vec:
         s = self.settings
-        return Item2Vec(dim=s.dim, window=s.window, negatives=s.negatives, lr=s.lr, seed=s.seed)
+        return Item2Vec(
+            dim=s.dim,
+            window=s.window,
+            negatives=s.negatives,
+            lr=s.lr,
+            seed=s.seed,
+            max_items=s.max_items,
+        )
+
+    def _forget_evicted(self) -> None:
+        """Forget, in the item records, what the model forgot: the lists follow the index."""
+        evicted = self.model.drain_evicted()
+        if evicted:
+            self.stats.forget(evicted)
+            self.metrics.evicted.inc(len(evicted))
 
     def apply(self, records: list[Record], ctx: Context) -> list[Rejection]:
         sequences: list[list[str]] = []
         pairs = 0
+        clicked = self.stats.first_seen  # items clicked and not forgotten since
         for record in records:
             click: Click = record.value
             window = self.windows.get(click.user_id)
@@ -401,14 +466,18 @@ class EmbeddingsProcessor(Processor):
                     self.windows.popitem(last=False)
             else:
                 self.windows.move_to_end(click.user_id)
-            if window:
-                sequences += [[previous, click.item_id] for previous in window]
-                pairs += sum(previous != click.item_id for previous in window)
+            # A previous click on an item forgotten since (max_items) pairs with nothing:
+            # only a click brings an item back, so the records and the model agree.
+            earlier = [previous for previous in window if previous in clicked]
+            if earlier:
+                sequences += [[previous, click.item_id] for previous in earlier]
+                pairs += sum(previous != click.item_id for previous in earlier)
             else:
                 sequences.append([click.item_id])
             window.append(click.item_id)
             self.stats.add(click.item_id, click.ts)
         loss = self.model.learn_sequences(sequences)
+        self._forget_evicted()
         if not math.isnan(loss):
             self.metrics.loss.set(loss)
         self.metrics.pairs.inc(2 * pairs)
@@ -441,8 +510,9 @@ class EmbeddingsProcessor(Processor):
         arrays = decode_params(checkpoint.state).arrays
         model_state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("model/")}
         stats_state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("stats/")}
-        self.model = Item2Vec.from_state(model_state)
+        self.model = Item2Vec.from_state(model_state, max_items=self.settings.max_items)
         self.stats = ItemStats.from_state(stats_state, self.settings.popularity_half_life_s)
+        self._forget_evicted()  # a lower max_items cuts a restored model down at once
         self._restored_at = checkpoint.written_at
         self.metrics.items.set(len(self.model))
         log.info("restored %d item embeddings from partition %d", len(self.model), partition)
@@ -492,6 +562,7 @@ def build_runtime(
         index_name=settings.index_name,
         spec=IndexSpec(kind=settings.index_kind),
         metrics=EmbeddingsMetrics(registry),
+        retry_interval_s=settings.publish_interval_s,
     )
     return ConsumerRuntime(
         service=SERVICE,

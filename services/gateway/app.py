@@ -5,6 +5,26 @@ any event is invalid the response is ``400`` listing every bad event by index
 with its reason, and nothing is produced, so a client fixes and resends the whole
 batch and nothing is half-accepted. Valid batches are produced with ``acks=all``
 and answered ``202 {"accepted": n}`` only once Kafka has acknowledged them.
+
+When Kafka cannot take a batch the answer is ``503`` with ``Retry-After`` and
+``{"error", "appended"}``, within ``produce_timeout_s`` however long the outage
+lasts (``max_block_ms`` more at worst, if the topic's metadata vanishes midway
+through the batch), and the client retries the whole batch. ``appended`` is how
+many of the batch's events, a prefix, were handed to the Kafka client before the
+failure:
+
+- ``0``: none of the batch's events is or will be in Kafka. This is the answer
+  while Kafka is known to be down (one probe batch per ``retry_after_s`` is let
+  through to find out whether it is back), before the gateway has connected,
+  and when the producer buffer (``buffer_memory``) is full;
+- ``n > 0``: those first ``n`` events may still reach Kafka (the idempotent
+  producer retries them until ``KAFKA_DELIVERY_TIMEOUT_MS``), the rest never
+  will. Retrying then can put an event in the log twice, under the same event
+  (or request) id; the joiner rewards each id once.
+
+So: a batch answered ``202`` is in Kafka entirely; a batch retried until
+``202`` is in Kafka entirely, each event at least once; a batch answered ``503``
+and never retried has at most its first ``appended`` events in Kafka.
 """
 
 from __future__ import annotations
@@ -32,7 +52,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from contracts.events import (
+    Click,
     EventError,
+    Impression,
     check_clock,
     decode_click,
     decode_impression,
@@ -40,7 +62,13 @@ from contracts.events import (
     split_batch,
 )
 from services.common.metrics import LATENCY_BUCKETS
-from services.gateway.sdk import EventProducer
+from services.common.settings import KafkaSettings, TopicSettings
+from services.gateway.sdk import (
+    DEFAULT_BUFFER_MEMORY,
+    BatchNotAccepted,
+    BatchTooLarge,
+    EventProducer,
+)
 
 log = logging.getLogger(__name__)
 Kind = Literal["clicks", "impressions"]
@@ -66,8 +94,21 @@ class GatewaySettings(BaseSettings):
     """``STREAMREC_GATEWAY_MAX_BODY_BYTES``: larger bodies get 413."""
     max_batch: int = Field(5_000, ge=1)
     """``STREAMREC_GATEWAY_MAX_BATCH``: more events in one body get 413."""
-    produce_timeout_s: float = Field(30.0, gt=0)
-    """``STREAMREC_GATEWAY_PRODUCE_TIMEOUT_S``: Kafka acknowledgement wait before 503."""
+    produce_timeout_s: float = Field(5.0, gt=0)
+    """``STREAMREC_GATEWAY_PRODUCE_TIMEOUT_S``: the longest a batch waits for Kafka's
+    acknowledgements before 503. Acks take milliseconds and a leader failover a few
+    seconds; past that the client is better off told to retry than left waiting."""
+    max_block_ms: int = Field(1_000, ge=1)
+    """``STREAMREC_GATEWAY_MAX_BLOCK_MS``: the producer's metadata wait (kafka-python's
+    ``max_block_ms``, 60 s by default): a topic whose partitions are not known within
+    this is a 503."""
+    buffer_memory: int = Field(DEFAULT_BUFFER_MEMORY, ge=1024)
+    """``STREAMREC_GATEWAY_BUFFER_MEMORY``: bytes of events handed to Kafka and not yet
+    acknowledged (Java's ``buffer.memory``, which kafka-python lacks); a batch that does
+    not fit is a 503, so an outage cannot grow the gateway beyond it."""
+    retry_after_s: int = Field(2, ge=1)
+    """``STREAMREC_GATEWAY_RETRY_AFTER_S``: the ``Retry-After`` of a 503, and how often
+    a batch is let through to probe a Kafka that was failing."""
 
 
 class _BodyTooLarge(Exception):
@@ -122,7 +163,10 @@ def create_app(
     check_auth(settings)
     registry = registry or CollectorRegistry()
     metrics = _Metrics(registry)
-    decoders = {"clicks": decode_click, "impressions": decode_impression}
+    decoders: dict[Kind, Callable[[bytes], Click | Impression]] = {
+        "clicks": decode_click,
+        "impressions": decode_impression,
+    }
     topics = {"clicks": producer.topics.clicks, "impressions": producer.topics.impressions}
     token = settings.token.get_secret_value().encode() if settings.token else None
 
@@ -179,18 +223,25 @@ def create_app(
                 },
                 status_code=400,
             )
-        futures = [producer.send_raw(topics[kind], e.user_id, encode(e)) for e in events]
+        records = [(e.user_id.encode(), encode(e)) for e in events]
         try:
-            producer.wait(futures, settings.produce_timeout_s)
-        except Exception as exc:  # noqa: BLE001 - any Kafka failure is a 503 for the client
-            log.error("produce to %s failed: %s", topics[kind], exc)
+            producer.produce_batch(topics[kind], records, settings.produce_timeout_s)
+        except BatchTooLarge as exc:
+            metrics.events.labels(kind, "rejected").inc(len(events))
+            return JSONResponse({"error": f"{exc}; split the batch"}, status_code=413)
+        except BatchNotAccepted as exc:
+            # Outages are logged once by the producer; a partly appended batch is rarer.
+            level = logging.WARNING if exc.appended else logging.DEBUG
+            log.log(level, "%d %s not accepted: %s", len(events), kind, exc.reason)
             metrics.events.labels(kind, "unavailable").inc(len(events))
             return JSONResponse(
                 {
-                    "error": f"Kafka unavailable: {type(exc).__name__}; retry the batch "
-                    "(event ids make retries safe)"
+                    "error": f"Kafka unavailable: {exc.reason}; retry the whole batch after "
+                    "Retry-After seconds (event ids make retries safe)",
+                    "appended": exc.appended,
                 },
                 status_code=503,
+                headers={"Retry-After": str(settings.retry_after_s)},
             )
         metrics.events.labels(kind, "accepted").inc(len(events))
         return JSONResponse({"accepted": len(events)}, status_code=202)
@@ -241,12 +292,26 @@ def create_app(
     )
 
 
+def gateway_producer(
+    settings: GatewaySettings, kafka: KafkaSettings, topics: TopicSettings
+) -> EventProducer:
+    """The gateway's producer: bounded as ``settings`` say, connecting in the background
+    so that the gateway starts, and answers 503, while Kafka is down."""
+    return EventProducer(
+        kafka,
+        topics,
+        buffer_memory=settings.buffer_memory,
+        max_block_ms=settings.max_block_ms,
+        retry_after_s=settings.retry_after_s,
+        background=True,
+    )
+
+
 def serve(settings: GatewaySettings | None = None) -> int:
     """Run the gateway with uvicorn until SIGTERM."""
     import uvicorn
 
     from services.common import logs
-    from services.common.settings import KafkaSettings, TopicSettings
 
     logs.configure("gateway")
     settings = settings or GatewaySettings()
@@ -255,7 +320,7 @@ def serve(settings: GatewaySettings | None = None) -> int:
     except ValueError as exc:
         log.error("gateway not started: %s", exc)
         return 2
-    producer = EventProducer(KafkaSettings(), TopicSettings())
+    producer = gateway_producer(settings, KafkaSettings(), TopicSettings())
     app = create_app(producer, settings)
     if settings.token is None:
         log.warning("gateway accepts unauthenticated requests (STREAMREC_GATEWAY_ALLOW_ANONYMOUS)")

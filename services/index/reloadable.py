@@ -12,6 +12,15 @@ A snapshot that fails verification is refused: the last good index keeps
 serving, ``streamrec_index_swap_failures_total`` counts the refusal and the log
 says why. A refused pointer is not retried until the pointer moves again.
 
+The pointer is read from Redis, so it is not trusted further than it can be
+checked: given ``snapshot_dir`` (serving always passes the snapshot store),
+only snapshots directly inside it are opened (a pointer to ``/etc/passwd``, a
+``..`` path or a symlink out of the store is refused), snapshots above
+``max_snapshot_bytes`` are refused before they are read, and the manifest's
+checksum (pinned by the pointer) and the index's (pinned by the manifest) are
+compared before faiss or numpy parse a byte. A malformed pointer is refused and
+counted the same way, once per pointer value.
+
 Metrics (in the injected registry; one ``ReloadableIndex`` per registry):
 ``streamrec_index_version``, ``streamrec_index_age_seconds`` (now minus the
 snapshot's build time, computed at scrape), ``streamrec_index_items``,
@@ -36,7 +45,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.cluster import RedisCluster
 
 from services.common.clients import REDIS_ERRORS
-from services.index.snapshot import Manifest, Pointer, SnapshotError, read_pointer, read_snapshot
+from services.index.snapshot import (
+    DEFAULT_MAX_SNAPSHOT_BYTES,
+    Manifest,
+    Pointer,
+    SnapshotError,
+    read_snapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +115,10 @@ class ReloadableIndex:
             1 suits many concurrent single-vector queries.
         dimension: the vector dimension callers query with; ``None`` takes it from the
             first snapshot loaded. Snapshots of another dimension are refused.
+        snapshot_dir: the snapshot store's directory; pointers naming anything but a
+            snapshot directly inside it are refused. ``None`` trusts the pointer's path:
+            only for a Redis that nobody but the publisher can write.
+        max_snapshot_bytes: larger snapshots (manifest + index file) are refused unread.
     """
 
     def __init__(
@@ -111,6 +130,8 @@ class ReloadableIndex:
         registry: CollectorRegistry | None = None,
         threads: int = 1,
         dimension: int | None = None,
+        snapshot_dir: Path | str | None = None,
+        max_snapshot_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES,
     ) -> None:
         if not (math.isfinite(poll_interval) and poll_interval > 0):
             raise ValueError(f"poll_interval must be a positive number, got {poll_interval!r}")
@@ -118,6 +139,10 @@ class ReloadableIndex:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         if dimension is not None and (int(dimension) != dimension or dimension < 1):
             raise ValueError(f"dimension must be a positive integer, got {dimension!r}")
+        if int(max_snapshot_bytes) != max_snapshot_bytes or max_snapshot_bytes < 1:
+            raise ValueError(f"max_snapshot_bytes must be positive, got {max_snapshot_bytes!r}")
+        self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
+        self.max_snapshot_bytes = int(max_snapshot_bytes)
         self._redis = redis_client
         self.pointer_key = pointer_key
         self.poll_interval = float(poll_interval)
@@ -129,7 +154,8 @@ class ReloadableIndex:
         self._load_lock = threading.Lock()
         # Wakes wait_for_version(); also never taken by search.
         self._swapped = threading.Condition()
-        self._refused: Pointer | None = None
+        # The raw value of the last pointer refused, so it is refused (and counted) once.
+        self._refused: bytes | str | None = None
         self._thread_config = threading.local()
         self._stop = threading.Event()
         self._define_metrics()
@@ -197,14 +223,16 @@ class ReloadableIndex:
         """
         with self._load_lock:
             try:
-                pointer = read_pointer(self._redis, self.pointer_key)
+                raw = self._redis.get(self.pointer_key)
             except REDIS_ERRORS as exc:
                 log.warning("cannot read index pointer %s: %s", self.pointer_key, exc)
                 return False
-            except SnapshotError as exc:
-                log.error("index pointer %s: %s", self.pointer_key, exc)
+            if raw is None or raw == self._refused:
                 return False
-            if pointer is None or pointer == self._refused:
+            try:
+                pointer = Pointer.from_json(raw)
+            except SnapshotError as exc:
+                self._refuse(raw, exc.reason, "malformed pointer")
                 return False
             current = self._current
             if current is not None and pointer.version <= current.manifest.version:
@@ -213,16 +241,8 @@ class ReloadableIndex:
             try:
                 loaded = self._load(pointer)
             except Exception as exc:
-                self._refused = pointer
-                self._swap_failures.inc()
                 reason = exc.reason if isinstance(exc, SnapshotError) else repr(exc)
-                log.error(
-                    "refused index snapshot v%d (%s): %s; still serving v%s",
-                    pointer.version,
-                    pointer.path,
-                    reason,
-                    self.version,
-                )
+                self._refuse(raw, reason, f"index snapshot v{pointer.version} ({pointer.path})")
                 return False
             self._current = loaded  # the swap: one reference assignment
             self._swap_seconds.observe(time.perf_counter() - started)
@@ -238,6 +258,11 @@ class ReloadableIndex:
             loaded.manifest.count,
         )
         return True
+
+    def _refuse(self, raw: bytes | str, reason: str, what: str) -> None:
+        self._refused = raw
+        self._swap_failures.inc()
+        log.error("refused %s: %s; still serving v%s", what, reason, self.version)
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
         """Block until a snapshot at or above ``version`` serves; False on timeout."""
@@ -266,7 +291,10 @@ class ReloadableIndex:
 
     def _load(self, pointer: Pointer) -> LoadedIndex:
         index, item_ids, manifest = read_snapshot(
-            Path(pointer.path), expected_sha256=pointer.sha256
+            Path(pointer.path),
+            expected_sha256=pointer.sha256,
+            root=self.snapshot_dir,
+            max_bytes=self.max_snapshot_bytes,
         )
         if manifest.version != pointer.version:
             raise SnapshotError(
@@ -303,7 +331,8 @@ class ReloadableIndex:
         )
         self._swap_failures = Counter(
             "streamrec_index_swap_failures",
-            "Index snapshots refused (unreadable, checksum mismatch, wrong dimension).",
+            "Index pointers and snapshots refused (malformed pointer, outside the store, "
+            "too large, unreadable, checksum mismatch, wrong dimension).",
             registry=registry,
         )
         self._swap_seconds = Histogram(

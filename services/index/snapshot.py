@@ -10,7 +10,9 @@ A snapshot is two files in the store's directory:
 
 Each file is written to a temporary name, fsynced and renamed into place (then
 the directory is fsynced), index first and manifest last. A snapshot exists
-once its manifest does, so a reader never sees half of one. :meth:`SnapshotStore.read`
+once its manifest does, so a reader never sees half of one; a write that fails
+(a full disk: ENOSPC) removes what it wrote of the snapshot before raising, so
+nothing of it is left taking room. :meth:`SnapshotStore.read`
 verifies both checksums, the count and the dimension, and raises
 :class:`SnapshotError` with the reason on any mismatch.
 
@@ -19,6 +21,16 @@ Publishing: :func:`publish` sets the pointer key
 ``path`` is the manifest's absolute path and ``sha256`` the manifest file's own
 hash: the pointer pins the manifest, the manifest pins the index and id map.
 Readers on other machines need the directory on a shared volume at the same path.
+
+Reading is confined and bounded, because the pointer lives in Redis and is
+only as trustworthy as everyone who can write there: given the store's
+directory (``root``), :func:`read_snapshot` opens only regular files directly
+inside it, after resolving every symlink (so neither ``..`` nor a symlink leads
+out) and without following one at the last step; it refuses a snapshot whose
+manifest and index together exceed ``max_bytes`` before reading it, and it
+compares checksums before any byte is parsed (the manifest's against the
+pointer's, the index's against the manifest's), so faiss and numpy only ever
+see the bytes the embeddings service wrote.
 
 Versions come from the caller (the embeddings service counts its builds;
 :meth:`SnapshotStore.latest_version` tells it where to resume after a restart).
@@ -34,6 +46,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import tempfile
 import time
 from collections.abc import Collection, Sequence
@@ -59,6 +72,10 @@ log = logging.getLogger(__name__)
 
 #: Manifest format version; readers refuse others.
 FORMAT = 1
+#: Largest snapshot (manifest + index bytes) read by default: a 1M-item flat
+#: index of dimension 32 is 128 MiB, so this leaves room and still bounds memory.
+DEFAULT_MAX_SNAPSHOT_BYTES = 1 << 30
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MANIFEST = re.compile(r"^(\d{12})\.manifest\.json$")
 
 # Moves the pointer only forwards. Re-publishing the same pointer is a no-op success
@@ -126,8 +143,8 @@ class Manifest:
         """Parse a manifest; raises :class:`SnapshotError` if it is malformed."""
         try:
             body = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            raise SnapshotError(f"manifest {path} is not JSON: {exc}") from None
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise SnapshotError(f"manifest {path} is not JSON: {exc!r}") from None
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise SnapshotError(f"manifest {path} has an unknown format")
         try:
@@ -160,11 +177,14 @@ class Pointer:
     def from_json(cls, raw: bytes | str) -> Pointer:
         try:
             body = msgspec.json.decode(raw)
-            return cls(
+            pointer = cls(
                 version=int(body["version"]), path=str(body["path"]), sha256=str(body["sha256"])
             )
-        except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
-            raise SnapshotError(f"index pointer is malformed: {exc}") from None
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError, RecursionError) as exc:
+            raise SnapshotError(f"index pointer is malformed: {exc!r}") from None
+        if pointer.version < 1 or not _SHA256.match(pointer.sha256):
+            raise SnapshotError("index pointer is malformed: needs a version >= 1 and a sha256")
+        return pointer
 
 
 class SnapshotStore:
@@ -240,14 +260,27 @@ class SnapshotStore:
             item_ids=tuple(item_ids),
             path=self.manifest_path(version),
         )
-        _write_atomically(self.manifest_path(version), manifest.to_json())
+        try:
+            _write_atomically(self.manifest_path(version), manifest.to_json())
+        except BaseException:
+            # No manifest, no snapshot: the index file alone would only take room on a
+            # disk that is likely full (ENOSPC), and a retry would need that room too.
+            # (If the manifest did land, only its directory fsync failed: keep both.)
+            if not self.manifest_path(version).exists():
+                (self.directory / index_file).unlink(missing_ok=True)
+            raise
         self.prune(pinned=pinned)
         return manifest
 
-    def read(self, snapshot: int | Path) -> tuple[faiss.Index, list[str], Manifest]:
-        """Load and verify a snapshot by version or manifest path (see :func:`read_snapshot`)."""
+    def read(
+        self, snapshot: int | Path, *, max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES
+    ) -> tuple[faiss.Index, list[str], Manifest]:
+        """Load and verify a snapshot of this store by version or manifest path.
+
+        The path must lie directly in the store (see :func:`read_snapshot`).
+        """
         path = self.manifest_path(snapshot) if isinstance(snapshot, int) else Path(snapshot)
-        return read_snapshot(path)
+        return read_snapshot(path, root=self.directory, max_bytes=max_bytes)
 
     def prune(self, *, pinned: Collection[int] = ()) -> list[int]:
         """Delete all but the newest ``keep`` snapshots and ``pinned``; returns those deleted.
@@ -275,17 +308,27 @@ class SnapshotStore:
 
 
 def read_snapshot(
-    manifest_path: Path, *, expected_sha256: str | None = None
+    manifest_path: Path,
+    *,
+    expected_sha256: str | None = None,
+    root: Path | None = None,
+    max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES,
 ) -> tuple[faiss.Index, list[str], Manifest]:
     """Load a snapshot and verify it; raises :class:`SnapshotError` with the reason.
 
     ``expected_sha256`` (from a :class:`Pointer`) must match the manifest file's hash.
+    ``root``, the snapshot store's directory, confines the manifest and its index
+    file: both must resolve, symlinks followed, to regular files directly inside
+    it. A snapshot whose manifest and index together exceed ``max_bytes`` is
+    refused before its index is read. Every checksum is compared before the bytes
+    it covers are parsed.
     """
     manifest_path = Path(manifest_path)
-    try:
-        raw = manifest_path.read_bytes()
-    except OSError as exc:
-        raise SnapshotError(f"manifest unreadable: {exc}") from None
+    if root is not None:
+        manifest_path = _inside(root, manifest_path, "manifest")
+        if not _MANIFEST.match(manifest_path.name):
+            raise SnapshotError(f"{manifest_path} is not a snapshot manifest")
+    raw = _read_bounded(manifest_path, max_bytes, "manifest", confined=root is not None)
     if expected_sha256 is not None and hashlib.sha256(raw).hexdigest() != expected_sha256:
         raise SnapshotError(f"manifest checksum mismatch: {manifest_path}")
     manifest = Manifest.from_json(raw, path=manifest_path)
@@ -299,10 +342,11 @@ def read_snapshot(
     if Path(manifest.index_file).name != manifest.index_file:
         raise SnapshotError(f"snapshot v{manifest.version}: index file must be a bare file name")
     index_path = manifest_path.parent / manifest.index_file
-    try:
-        payload = index_path.read_bytes()
-    except OSError as exc:
-        raise SnapshotError(f"index file unreadable: {exc}") from None
+    if root is not None:
+        index_path = _inside(root, index_path, "index file")
+    payload = _read_bounded(
+        index_path, max_bytes - len(raw), "index file", confined=root is not None
+    )
     if hashlib.sha256(payload).hexdigest() != manifest.index_sha256:
         raise SnapshotError(f"index checksum mismatch in snapshot v{manifest.version}")
     try:
@@ -399,6 +443,47 @@ def _write_atomically(path: Path, payload: bytes) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _inside(root: Path, path: Path, what: str) -> Path:
+    """``path`` with every symlink and ``..`` resolved, if that is directly inside ``root``."""
+    try:
+        base = Path(root).resolve(strict=True)
+        resolved = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise SnapshotError(f"{what} unreadable: {exc}") from None
+    if resolved.parent != base:
+        raise SnapshotError(f"{what} {path} is outside the snapshot store {base}")
+    return resolved
+
+
+def _read_bounded(path: Path, limit: int, what: str, *, confined: bool) -> bytes:
+    """The bytes of regular file ``path`` if it holds at most ``limit``.
+
+    Checked on the open descriptor, so what is read is what was checked: a FIFO or
+    device is refused without blocking on it, and a file that grows past the limit
+    while being read is refused too. ``confined`` paths were resolved by
+    :func:`_inside`; opening them with ``O_NOFOLLOW`` means a symlink swapped in
+    since is refused, not followed.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if confined else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise SnapshotError(f"{what} unreadable: {exc}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SnapshotError(f"{what} {path} is not a regular file")
+        if info.st_size > limit:
+            raise SnapshotError(
+                f"{what} {path} is {info.st_size} bytes; snapshots are limited to"
+                f" {limit} more bytes (max_snapshot_bytes)"
+            )
+        data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise SnapshotError(f"{what} {path} grew past the snapshot size limit while read")
+    return data
 
 
 def _leading_version(name: str) -> int:

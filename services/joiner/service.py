@@ -1,32 +1,49 @@
 """``streamrec run joiner``: impressions + clicks in, feedback out.
 
 Checkpoints stay small: per partition only the two streams' event-time
-progress and the earliest offsets still needed. On restore the joiner seeks
-back to those offsets and re-reads the log to rebuild its open impressions;
-records below the checkpointed offsets are re-applied silently (their feedback
-was emitted before the checkpoint). Until the re-read has passed them, the
-partition is not checkpointed again: the stored checkpoint is what describes its
-state. Feedback emitted after the last checkpoint may be emitted again after a
-crash; it carries the same sequence numbers, so consumers drop it.
+progress and the earliest offsets still needed (with the progress there). On
+restore the joiner seeks back to those offsets and re-reads the log to rebuild
+its open impressions, waiting clicks and remembered impression ids (the
+impressions topic is re-read for the retry horizon, window + lateness +
+``retry_horizon_s``); records below the checkpointed offsets are re-applied
+silently (their feedback was emitted before the checkpoint). Until the re-read
+has passed them, the partition is not checkpointed again: the stored checkpoint
+is what describes its state. Feedback emitted after the last checkpoint may be
+emitted again after a crash; it carries the same sequence numbers, so consumers
+drop it.
+
+Time: each event's time is bounded by its record's Kafka timestamp (set by the
+producer, or by the broker with ``message.timestamp.type=LogAppendTime``): more
+than ``max_skew_s`` ahead of it is clamped, so a record moves the watermark at
+most ``max_skew_s`` past its own timestamp (see :mod:`services.joiner.clock`).
 
 Idle streams: when a partition with open impressions gets no impressions or no
-clicks for ``idle_close_s``, the joiner appends a watermark marker (event time =
-now - lateness) to that partition of each topic. A marker advances only its own
+clicks for ``idle_close_s``, the joiner appends a watermark marker to that
+partition of each topic: the log's time (the newest record timestamp read,
+advanced by the monotonic time since) minus ``lateness_s``. This process's wall
+clock plays no part; what stays clock-based is the idle timer and the
+extrapolation between records (the monotonic clock), and the producers' or
+broker's clocks behind the record timestamps. A marker advances only its own
 topic's progress, so a replay closes windows exactly as the first run did,
 however the two topics' records interleave.
+
+Co-partitioning: clicks and impressions of a user must share a partition
+number, so the two topics must have the same partition count; the joiner
+refuses to start otherwise (:class:`PartitionMismatch`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contracts.control import decode_watermark, encode_watermark
 from contracts.events import Feedback, decode_click, decode_impression, encode
 from services.common import (
     Checkpoint,
@@ -40,8 +57,16 @@ from services.common import (
     RuntimeSettings,
     TopicSettings,
 )
+from services.common.errors import StreamrecError
 from services.common.process import run_consumer_service
-from services.joiner.join import PartitionJoin
+from services.joiner.clock import LogClock
+from services.joiner.join import (
+    DEFAULT_MAX_OPEN_PER_USER,
+    DEFAULT_MAX_REMEMBERED,
+    DEFAULT_MAX_SKEW_S,
+    DEFAULT_RETRY_HORIZON_S,
+    PartitionJoin,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +88,66 @@ class JoinerSettings(BaseSettings):
     """``STREAMREC_JOINER_IDLE_CLOSE_S``: processing time before an idle partition is advanced."""
     max_partition_fetch_bytes: int = Field(256 * 1024, ge=1024)
     """``STREAMREC_JOINER_MAX_PARTITION_FETCH_BYTES``: per-partition fetch size."""
+    retry_horizon_s: float = Field(DEFAULT_RETRY_HORIZON_S, ge=0)
+    """``STREAMREC_JOINER_RETRY_HORIZON_S``: how long after its window a duplicate may
+    still come (a client retry after a 503: the original can land up to the 120 s
+    delivery timeout later, the retry meanwhile). Impression ids are remembered, and
+    clicks wait for their impression, for window + lateness + this after they
+    arrived, in the impression stream's event time; a restore re-reads that much of
+    the impressions topic."""
+    max_skew_s: float = Field(DEFAULT_MAX_SKEW_S, gt=0)
+    """``STREAMREC_JOINER_MAX_SKEW_S``: an event time further than this ahead of its
+    record's Kafka timestamp is clamped to it (counted, reason ``future``), so one
+    client's clock moves the watermark this far at most; further behind is counted
+    (``past``) and handled as late. At ``lateness_s`` or less, a skewed client can
+    take no more from anyone's window than the lateness the watermark allows."""
+    max_open_per_user: int = Field(DEFAULT_MAX_OPEN_PER_USER, ge=1)
+    """``STREAMREC_JOINER_MAX_OPEN_PER_USER``: impressions of one user in their windows at
+    once; above it the oldest is closed early and its feedback emitted (counted,
+    ``closed_early``)."""
+    max_remembered: int = Field(DEFAULT_MAX_REMEMBERED, ge=1)
+    """``STREAMREC_JOINER_MAX_REMEMBERED``: remembered ids per topic and partition (about
+    300 bytes each); above it the oldest are forgotten early (counted)."""
+
+    def join(self) -> PartitionJoin:
+        """A fresh join of one partition with these settings."""
+        return PartitionJoin(
+            window_s=self.window_s,
+            lateness_s=self.lateness_s,
+            retry_horizon_s=self.retry_horizon_s,
+            max_open_per_user=self.max_open_per_user,
+            max_remembered=self.max_remembered,
+            max_skew_s=self.max_skew_s,
+        )
 
 
 class _State(msgspec.Struct):
     seen_impressions: float
     seen_clicks: float
     replay_from: dict[str, int]
+    #: Each re-read topic's progress where its re-read starts (absent in older checkpoints).
+    replay_progress: dict[str, float] = msgspec.field(default_factory=dict)
+
+
+class PartitionMismatch(StreamrecError):
+    """Clicks and impressions do not have the same number of partitions."""
+
+
+def check_copartitioned(partition_counts: Mapping[str, int], topics: TopicSettings) -> None:
+    """Refuse input topics whose partition counts differ.
+
+    A user's clicks and impressions are joined only if they share a partition
+    number: with different counts most clicks would silently find no impression.
+    """
+    impressions = partition_counts.get(topics.impressions)
+    clicks = partition_counts.get(topics.clicks)
+    if impressions != clicks:
+        raise PartitionMismatch(
+            f"topics {topics.impressions!r} ({impressions} partitions) and {topics.clicks!r} "
+            f"({clicks} partitions) must have the same partition count: the joiner pairs a "
+            "user's clicks and impressions by partition number (add partitions to the "
+            "smaller one, or recreate both)"
+        )
 
 
 class JoinerMetrics:
@@ -95,6 +174,31 @@ class JoinerMetrics:
             "Wall-clock time minus the oldest partition watermark.",
             registry=registry,
         )
+        self.impressions = Counter(
+            "streamrec_joiner_impressions_total",
+            "Impressions by outcome (closed, duplicate, late, closed_early, rebuilt).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.event_time = Counter(
+            "streamrec_joiner_event_time_out_of_bounds_total",
+            "Events whose time is more than max_skew_s from their record timestamp, by "
+            "reason (future: clamped; past: kept, handled as late).",
+            ["topic", "reason"],
+            registry=registry,
+        )
+        self.evicted = Counter(
+            "streamrec_joiner_remembered_evicted_total",
+            "Remembered ids forgotten before their horizon because of max_remembered.",
+            ["topic"],
+            registry=registry,
+        )
+        self.remembered = Gauge(
+            "streamrec_joiner_remembered_ids",
+            "Impression and click ids remembered to drop duplicates.",
+            ["topic"],
+            registry=registry,
+        )
 
 
 class JoinProcessor(Processor):
@@ -105,42 +209,56 @@ class JoinProcessor(Processor):
         settings: JoinerSettings,
         topics: TopicSettings,
         registry: CollectorRegistry | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.topics = topics
         self.metrics = JoinerMetrics(registry or CollectorRegistry())
+        self._monotonic = monotonic
+        #: The log's time, from the timestamps of the records read (for idle markers).
+        self.log_clock = LogClock()
+        #: Idle markers travel on both input topics.
+        self.controls = {topics.impressions: decode_watermark, topics.clicks: decode_watermark}
         self.joins: dict[int, PartitionJoin] = {}
         #: (partition, topic) -> monotonic time of its last record.
         self._last_input: dict[tuple[int, str], float] = {}
         self._last_control: dict[int, float] = {}
         self._reported: dict[str, int] = {}
-        #: partition -> the restored checkpoint's offsets, while re-reading up to them.
+        #: partition -> the restored checkpoint's offsets of the topics re-read below them.
         self._rebuilding: dict[int, dict[str, int]] = {}
+        #: (partition, topic) that delivered a record since the partition was restored.
+        self._delivered: set[tuple[int, str]] = set()
 
     def apply(self, records: list[Record], ctx: Context) -> list[Rejection]:
-        now = time.monotonic()
+        now = self._monotonic()
         for record in records:
             join = self.joins[record.partition]
+            received = record.timestamp_ms / 1000 if record.timestamp_ms >= 0 else None
+            if received is not None:
+                self.log_clock.observe(received, now)
             if record.topic == self.topics.impressions:
-                closed = join.impression(record.value, record.offset)
+                closed = join.impression(record.value, record.offset, received)
             else:
-                closed = join.click(record.value, record.offset)
+                closed = join.click(record.value, record.offset, received)
             self._emit(record, closed, ctx)
             self._last_input[(record.partition, record.topic)] = now
+            self._delivered.add((record.partition, record.topic))
         self._report()
         return []
 
     def control(self, record: Record, ctx: Context) -> None:
-        watermark = float(msgspec.json.decode(record.raw).get("watermark", 0.0))
+        watermark = record.value.watermark
         is_impressions = record.topic == self.topics.impressions
         closed = self.joins[record.partition].advance(
             watermark, impressions=is_impressions, clicks=not is_impressions
         )
+        self._delivered.add((record.partition, record.topic))
         self._emit(record, closed, ctx)
         self._report()
 
     def tick(self, now: float, ctx: Context) -> None:
-        clock = time.monotonic()
+        clock = self._monotonic()
+        log_now = self.log_clock.now(clock)
         every = self.settings.idle_close_s
         for partition, join in self.joins.items():
             stalest = max(
@@ -148,9 +266,9 @@ class JoinProcessor(Processor):
                 for topic in (self.topics.impressions, self.topics.clicks)
             )
             quiet = min(stalest, clock - self._last_control.get(partition, float("-inf")))
-            if join.open and quiet >= every:
+            if join.open and quiet >= every and log_now is not None:
                 # Repeated while the partition stays idle, until every window has closed.
-                marker = msgspec.json.encode({"watermark": now - self.settings.lateness_s})
+                marker = encode_watermark(log_now - self.settings.lateness_s)
                 for topic in (self.topics.impressions, self.topics.clicks):
                     ctx.emit_control(topic, partition, marker)
                 self._last_control[partition] = clock
@@ -174,39 +292,62 @@ class JoinProcessor(Processor):
 
     def _report(self) -> None:
         totals: dict[str, int] = {}
+        remembered = [0, 0]
         for join in self.joins.values():
             for name, value in join.stats.items():
                 totals[name] = totals.get(name, 0) + value
+            for i, count in enumerate(join.remembered()):
+                remembered[i] += count
         for name, value in totals.items():
-            if name.startswith("clicks_"):
-                delta = value - self._reported.get(name, 0)
-                if delta > 0:
-                    self.metrics.clicks.labels(name.removeprefix("clicks_")).inc(delta)
+            delta = value - self._reported.get(name, 0)
             self._reported[name] = value
+            if delta > 0:
+                self._count(name, delta)
+        inputs = (self.topics.impressions, self.topics.clicks)
+        for topic, count in zip(inputs, remembered, strict=True):
+            self.metrics.remembered.labels(topic).set(count)
         self.metrics.open.set(sum(len(join.open) for join in self.joins.values()))
+
+    def _count(self, stat: str, delta: int) -> None:
+        """Add a :class:`PartitionJoin` statistic's growth to its metric."""
+        stream, _, outcome = stat.partition("_")
+        topics = {"impressions": self.topics.impressions, "clicks": self.topics.clicks}
+        if stream == "clicks":
+            self.metrics.clicks.labels(outcome).inc(delta)
+        elif stream == "impressions":
+            self.metrics.impressions.labels(outcome).inc(delta)
+        elif stream == "time":
+            reason, _, which = outcome.partition("_")
+            self.metrics.event_time.labels(topics[which], reason).inc(delta)
+        elif stream == "evicted":
+            self.metrics.evicted.labels(topics[outcome]).inc(delta)
 
     def snapshot(self, partition: int) -> bytes:
         join = self.joins[partition]
-        impressions, clicks = join.replay_from()
-        replay = {}
-        if impressions is not None:
-            replay[self.topics.impressions] = impressions
-        if clicks is not None:
-            replay[self.topics.clicks] = clicks
+        replay: dict[str, int] = {}
+        progress: dict[str, float] = {}
+        for topic, mark in zip(
+            (self.topics.impressions, self.topics.clicks), join.replay_marks(), strict=True
+        ):
+            if mark is not None:
+                replay[topic] = mark.offset
+                progress[topic] = mark.progress
         return msgspec.json.encode(
             _State(
                 seen_impressions=join.seen_impressions,
                 seen_clicks=join.seen_clicks,
                 replay_from=replay,
+                replay_progress=progress,
             )
         )
 
     def restore(self, partition: int, checkpoint: Checkpoint | None) -> Mapping[str, int] | None:
-        join = PartitionJoin(window_s=self.settings.window_s, lateness_s=self.settings.lateness_s)
+        join = self.settings.join()
         self.joins[partition] = join
         self._rebuilding.pop(partition, None)
         for topic in (self.topics.impressions, self.topics.clicks):
-            self._last_input[(partition, topic)] = time.monotonic()
+            self._last_input[(partition, topic)] = self._monotonic()
+            self._delivered.discard((partition, topic))
         if checkpoint is None or not checkpoint.state:
             return None
         state = msgspec.json.decode(checkpoint.state, type=_State)
@@ -220,9 +361,11 @@ class JoinProcessor(Processor):
             checkpoint.offsets.get(self.topics.impressions, 0),
             rereading_impressions=self.topics.impressions in rereading,
             rereading_clicks=self.topics.clicks in rereading,
+            impressions_progress=state.replay_progress.get(self.topics.impressions, 0.0),
+            clicks_progress=state.replay_progress.get(self.topics.clicks, 0.0),
         )
-        if seek != checkpoint.offsets:
-            self._rebuilding[partition] = dict(checkpoint.offsets)
+        if rereading:
+            self._rebuilding[partition] = {t: checkpoint.offsets[t] for t in rereading}
             log.info(
                 "partition %d: re-reading from %s to rebuild open impressions (was at %s)",
                 partition,
@@ -232,12 +375,23 @@ class JoinProcessor(Processor):
         return seek
 
     def checkpointable(self, partition: int, offsets: Mapping[str, int]) -> bool:
-        # The restored state says what was emitted below the restored offsets; a
-        # checkpoint taken while re-reading below them would lose that.
+        """Not while re-reading below the restored checkpoint.
+
+        The restored state says what was emitted below the restored offsets; a
+        checkpoint taken while re-reading below them would lose that. Until a
+        re-read topic has delivered a record, ``offsets`` still holds the
+        restored checkpoint's offsets although nothing was re-read (a rebalance
+        right after the restore revokes the partition before its first poll),
+        so reaching them counts only after a delivery. The re-read starts at a
+        record the join applied, so that delivery always comes.
+        """
         target = self._rebuilding.get(partition)
         if target is None:
             return True
-        if all(offsets.get(topic, 0) >= offset for topic, offset in target.items()):
+        if all(
+            (partition, topic) in self._delivered and offsets.get(topic, 0) >= offset
+            for topic, offset in target.items()
+        ):
             del self._rebuilding[partition]
             return True
         return False
@@ -247,17 +401,36 @@ class JoinProcessor(Processor):
         self.joins.pop(partition, None)
         for topic in (self.topics.impressions, self.topics.clicks):
             self._last_input.pop((partition, topic), None)
+            self._delivered.discard((partition, topic))
         self._last_control.pop(partition, None)
+
+
+class JoinerRuntime(ConsumerRuntime):
+    """The consumer runtime, refusing inputs that are not co-partitioned."""
+
+    def open(self) -> None:
+        """Learn the input topics' partition counts, then refuse a mismatch.
+
+        :meth:`ConsumerRuntime.open` subscribes, but the group is only joined at
+        the first poll, so refusing here assigns nothing and moves nothing.
+        """
+        super().open()
+        try:
+            check_copartitioned(self.partition_counts, self.topics)
+        except PartitionMismatch:
+            self.close()
+            raise
 
 
 def build_runtime(
     registry: CollectorRegistry,
     settings: JoinerSettings | None = None,
     runtime: RuntimeSettings | None = None,
+    topics: TopicSettings | None = None,
 ) -> ConsumerRuntime:
     settings = settings or JoinerSettings()
-    topics = TopicSettings()
-    return ConsumerRuntime(
+    topics = topics or TopicSettings()
+    return JoinerRuntime(
         service="joiner",
         group=settings.group,
         inputs={topics.impressions: decode_impression, topics.clicks: decode_click},

@@ -3,7 +3,7 @@
 Publishers (the bandits and DRN services) call :meth:`ParamStore.publish` with
 the encoded blobs of the parts they own; readers call :meth:`ParamStore.latest`
 or keep a :class:`ParamWatcher` that swaps new versions in as they appear
-(DESIGN.md §4 and §6).
+(docs/decisions.md §7 and §8).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from services.paramstore.store import (
     ModelNotFound,
     ParamMetrics,
     ParamStore,
+    ParamStoreSettings,
     StalePublish,
     build_learner,
     combine_parts,
@@ -25,6 +26,7 @@ __all__ = [
     "ModelNotFound",
     "ParamMetrics",
     "ParamStore",
+    "ParamStoreSettings",
     "ParamWatcher",
     "StalePublish",
     "build_default",

@@ -9,27 +9,43 @@ model: every version's manifest names the newest blob of *every* part.
 Layout (all keys of a model share the hash tag ``{model}``, so each script below
 touches one Redis Cluster slot; see :class:`contracts.keys.KeySpace`):
 
-- ``blob:{part}:{id}``: one immutable encoded blob (:func:`contracts.params.encode_params`).
-- ``parts``: hash, part name → key of that part's newest blob.
+- ``blob:{part}:{digest}``: one encoded part (:func:`contracts.params.encode_params`)
+  under its sha256, the checksum in its own header. Blobs are content-addressed:
+  publishing a part again unchanged finds its key and writes nothing, and every
+  version that holds the same part shares one blob.
+- ``parts``: hash, part name → digest of that part's newest blob.
 - ``manifest:{version}``: hash, the ``parts`` hash as it was when ``version`` was published.
 - ``current``: the newest version number (also the counter new versions come from).
 - ``fence``: hash, part name → the highest fencing token a publish of it carried
   and its owner (``"<token> <owner>"``).
 
-``publish`` is one Lua script: write the new blobs, repoint their parts, give each
-replaced blob a TTL (readers that walk the keys one command at a time, and older
-manifests, can still fetch it for ``blob_ttl_s``), INCR ``current``, copy ``parts``
-into the new manifest, delete manifests older than ``keep_versions`` and PUBLISH
-the version on the model's channel. A part published with a fencing token (the
-publisher's ownership epoch of the partition the part holds) is skipped if the
-same owner (consumer group) published it with a higher token: a process that
-froze while publishing and wakes after a new owner of its partition took over
-cannot put an older state back. ``latest_parts`` is
-one Lua script too, so a reader gets ``current``, its manifest and every blob in
-one round trip and never sees half a version. Every blob carries a sha256 that is checked on read.
+``publish`` is one Lua script: write the blobs that are not stored yet, repoint
+the parts that changed, and, if any did, INCR ``current``, copy ``parts`` into the
+new manifest and PUBLISH the version on the model's channel. A publish in which
+no part changed makes no version. The same script then applies retention: walking
+from the newest manifest down, it keeps manifests while there are fewer than
+``keep_versions`` and the blobs they reference (each counted once) fit in
+``keep_bytes``; the newest is always kept. Older manifests are deleted, and so is
+(after ``blob_ttl_s``) every blob that no kept manifest references, so a model
+holds at most about ``max(keep_bytes, its current size)`` of blobs plus what was
+retired in the last ``blob_ttl_s`` (docs/decisions.md §8). The live set is derived
+from the kept manifests on each publish, so there is no counter that could drift.
+
+A part published with a fencing token (the publisher's ownership epoch of the
+partition the part holds) is skipped if the same owner (consumer group) published
+it with a higher token: a process that froze while publishing and wakes after a
+new owner of its partition took over cannot put an older state back.
+
+``latest_parts`` is one Lua script too, so a reader gets ``current``, its manifest
+and every blob in one round trip and never sees half a version: scripts run one
+at a time, and every publish leaves each blob of a kept manifest in place. A
+reader that walks the keys one command at a time still finds the blobs of a
+manifest it read while that manifest is kept, and for ``blob_ttl_s`` after. Every
+blob carries a sha256 that is checked on read, together with the digest the
+manifest names it by.
 
 Use a Redis eviction policy that does not evict these keys (``noeviction`` or a
-``volatile-*`` policy): a current blob has no TTL and must not disappear.
+``volatile-*`` policy): a referenced blob has no TTL and must not disappear.
 """
 
 from __future__ import annotations
@@ -38,7 +54,6 @@ import logging
 import re
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -46,10 +61,12 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.cluster import RedisCluster
 
 from contracts.keys import KeySpace
-from contracts.params import ParamError, ParamSet, decode_params
+from contracts.params import ParamError, ParamSet, decode_params, verify_params
 from services.common.clients import redis_client, redis_from_url
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.settings import RedisSettings
@@ -65,21 +82,42 @@ Combiner = Callable[[list[dict[str, np.ndarray]]], dict[str, np.ndarray]]
 # Model and part names become parts of Redis keys; braces would break the hash tag.
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
 
-# KEYS: current, parts, fence, then one fresh blob key per part.
-# ARGV: manifest key prefix, blob TTL (ms), versions to keep, channel, fence owner,
-#       then (part name, blob, fencing token or "") triples in the order of the blob
-#       keys. A token is only compared with one of the same owner.
-# Returns {version, stale part names...}; version is 0 if every part was stale.
-# Manifest keys are built from the new version inside the script; they share the
-# model's hash tag, so on Redis Cluster they live in the slot of the declared keys.
-_PUBLISH = """
+# A manifest or ``parts`` entry maps a part to the digest of its blob. An entry
+# that holds a colon is a whole blob key, as written before blobs were
+# content-addressed: reading and retiring those keeps a store written by the
+# earlier layout readable until each of its parts is published again.
+_BLOB_KEY = """
+local function blobkey(bprefix, part, ref)
+  if string.find(ref, ':', 1, true) then
+    return ref
+  end
+  return bprefix .. part .. ':' .. ref
+end
+"""
+
+# KEYS: current, parts, fence, then the blob key of each part.
+# ARGV: manifest key prefix, blob key prefix, channel, fence owner, retired-blob TTL
+#       (ms), versions to keep, bytes to keep, then (part name, digest, blob or "",
+#       fencing token or "") quadruples in the order of the blob keys. An empty blob
+#       stands for one the caller believes stored; a token is only compared with
+#       one of the same owner.
+# Returns {version, kept versions, kept bytes, bytes written, part names...}:
+# version 0 if every part was stale (the names are the stale parts), -1 if a blob
+# left out is not stored (the names are those parts; nothing was written), else
+# the new version, or the current one if no part changed (the names are the stale
+# parts). Manifest and blob keys other than the declared ones are built inside the
+# script; they share the model's hash tag, so on Redis Cluster they live in the
+# slot of the declared keys.
+_PUBLISH = (
+    _BLOB_KEY
+    + """
 local current, parts, fence = KEYS[1], KEYS[2], KEYS[3]
-local prefix, ttl, keep, channel = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local owner = ARGV[5]
-local stale, fresh = {}, 0
+local mprefix, bprefix, channel, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ttl, keep, budget = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local stale, missing, accepted = {}, {}, {}
 for i = 4, #KEYS do
-  local a = 6 + 3 * (i - 4)
-  local part, blob, token = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local a = 8 + 4 * (i - 4)
+  local part, blob, token = ARGV[a], ARGV[a + 2], ARGV[a + 3]
   local seen, by = nil, nil
   local fenced = redis.call('HGET', fence, part)
   if fenced then
@@ -87,54 +125,112 @@ for i = 4, #KEYS do
   end
   if token ~= '' and by == owner and tonumber(seen) > tonumber(token) then
     stale[#stale + 1] = part
+  elseif blob == '' and redis.call('EXISTS', KEYS[i]) == 0 then
+    missing[#missing + 1] = part
   else
-    if token ~= '' then
-      redis.call('HSET', fence, part, token .. ' ' .. owner)
-    end
-    redis.call('SET', KEYS[i], blob)
-    local previous = redis.call('HGET', parts, part)
-    if previous then
-      redis.call('PEXPIRE', previous, ttl)
-    end
-    redis.call('HSET', parts, part, KEYS[i])
-    fresh = fresh + 1
+    accepted[#accepted + 1] = i
   end
 end
-if fresh == 0 then
-  return {0, unpack(stale)}
+if #missing > 0 then
+  return {-1, 0, 0, 0, unpack(missing)}
 end
-local version = redis.call('INCR', current)
-local manifest = prefix .. version
-local pointers = redis.call('HGETALL', parts)
-for i = 1, #pointers, 2 do
-  redis.call('HSET', manifest, pointers[i], pointers[i + 1])
+if #accepted == 0 then
+  return {0, 0, 0, 0, unpack(stale)}
 end
-local old = version - keep
-while old >= 1 and redis.call('DEL', prefix .. old) == 1 do
-  old = old - 1
+local changed, written = 0, 0
+for _, i in ipairs(accepted) do
+  local a = 8 + 4 * (i - 4)
+  local part, digest, blob, token = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  if token ~= '' then
+    redis.call('HSET', fence, part, token .. ' ' .. owner)
+  end
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    -- Stored already: nothing to write. It may be a retired blob counting down
+    -- its TTL, which a kept manifest is about to reference again.
+    redis.call('PERSIST', KEYS[i])
+  else
+    redis.call('SET', KEYS[i], blob)
+    written = written + #blob
+  end
+  if redis.call('HGET', parts, part) ~= digest then
+    redis.call('HSET', parts, part, digest)
+    changed = changed + 1
+  end
 end
-redis.call('PUBLISH', channel, version)
-return {version, unpack(stale)}
+local version = tonumber(redis.call('GET', current) or '0')
+local made = changed > 0 or version == 0 or redis.call('EXISTS', mprefix .. version) == 0
+if made then
+  version = redis.call('INCR', current)
+  redis.call('HSET', mprefix .. version, unpack(redis.call('HGETALL', parts)))
+end
+-- Retention: keep the newest manifests while fewer than `keep` and their blobs fit
+-- in `budget` bytes (the newest always), then drop the older ones and retire each
+-- of their blobs that no kept manifest references.
+local live, bytes, kept, v = {}, 0, 0, version
+while v >= 1 do
+  local pointers = redis.call('HGETALL', mprefix .. v)
+  if #pointers == 0 then
+    break
+  end
+  local adds, add = {}, 0
+  for i = 1, #pointers, 2 do
+    local key = blobkey(bprefix, pointers[i], pointers[i + 1])
+    if not live[key] and not adds[key] then
+      adds[key] = true
+      add = add + redis.call('STRLEN', key)
+    end
+  end
+  if kept >= 1 and (kept >= keep or bytes + add > budget) then
+    break
+  end
+  for key in pairs(adds) do
+    live[key] = true
+  end
+  bytes, kept, v = bytes + add, kept + 1, v - 1
+end
+while v >= 1 do
+  local manifest = mprefix .. v
+  local pointers = redis.call('HGETALL', manifest)
+  if #pointers == 0 then
+    break
+  end
+  for i = 1, #pointers, 2 do
+    local key = blobkey(bprefix, pointers[i], pointers[i + 1])
+    if not live[key] then
+      redis.call('PEXPIRE', key, ttl)
+    end
+  end
+  redis.call('DEL', manifest)
+  v = v - 1
+end
+if made then
+  redis.call('PUBLISH', channel, version)
+end
+return {version, kept, bytes, written, unpack(stale)}
 """
+)
 
-# The digest of a manifest: sha1 of its blob keys, sorted. Blob keys are unique, so
-# the digest tells apart two versions with one number (after Redis lost its data).
+# The digest of a manifest: sha1 of its "part digest" entries, sorted. It names the
+# content of a version, so it tells apart two versions with one number (after Redis
+# lost its data and counted from 1 again) unless they hold the very same blobs.
 _DIGEST = """
 local function digest(pointers)
-  local keys = {}
-  for i = 2, #pointers, 2 do
-    keys[#keys + 1] = pointers[i]
+  local entries = {}
+  for i = 1, #pointers, 2 do
+    entries[#entries + 1] = pointers[i] .. ' ' .. pointers[i + 1]
   end
-  table.sort(keys)
-  return redis.sha1hex(table.concat(keys, '\\n'))
+  table.sort(entries)
+  return redis.sha1hex(table.concat(entries, '\\n'))
 end
 """
 
-# KEYS: current. ARGV: manifest key prefix.
-# Returns false when no version exists, else {version, digest, part, blob, part, blob, ...}
+# KEYS: current. ARGV: manifest key prefix, blob key prefix.
+# Returns false when no version exists, else
+# {version, digest, part, blob digest, blob, part, blob digest, blob, ...}
 # with false (nil) for a blob that is gone.
 _READ = (
     _DIGEST
+    + _BLOB_KEY
     + """
 local version = redis.call('GET', KEYS[1])
 if not version then
@@ -144,7 +240,8 @@ local pointers = redis.call('HGETALL', ARGV[1] .. version)
 local out = {version, digest(pointers)}
 for i = 1, #pointers, 2 do
   out[#out + 1] = pointers[i]
-  out[#out + 1] = redis.call('GET', pointers[i + 1])
+  out[#out + 1] = pointers[i + 1]
+  out[#out + 1] = redis.call('GET', blobkey(ARGV[2], pointers[i], pointers[i + 1]))
 end
 return out
 """
@@ -172,6 +269,31 @@ while version >= 1 and redis.call('EXISTS', ARGV[1] .. version) == 1 do
 end
 return out
 """
+
+
+class ParamStoreSettings(BaseSettings):
+    """How many versions of each model the parameter store keeps.
+
+    Each publish applies these to the model it publishes, so every publisher of a
+    model should run with the same values. The defaults keep 20 versions (five
+    seconds of history at the services' 0.25 s publish interval, enough to compare
+    or roll back to a recent version) unless they hold more than 256 MiB of blobs:
+    a large model (10k arms over 8 partitions of LinUCB is about 60 MB a version)
+    keeps fewer versions instead of more memory.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_PARAMS_", env_file=".env", extra="ignore"
+    )
+
+    keep_versions: int = Field(20, ge=1)
+    """``STREAMREC_PARAMS_KEEP_VERSIONS``: the newest versions (manifests) kept per model."""
+    keep_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    """``STREAMREC_PARAMS_KEEP_BYTES``: bytes of blobs the kept versions may reference,
+    per model, each blob counted once; the newest version is kept even if larger."""
+    blob_ttl_s: float = Field(1.0, gt=0)
+    """``STREAMREC_PARAMS_BLOB_TTL_S``: how long a blob that no kept version references
+    stays readable, for readers that fetch a manifest and its blobs in separate commands."""
 
 
 class ModelNotFound(LookupError):
@@ -209,6 +331,24 @@ class ParamMetrics:
         self.publish_bytes = Gauge(
             "streamrec_params_publish_bytes",
             "Bytes of blobs in the last version this process published.",
+            ["model"],
+            registry=registry,
+        )
+        self.written_bytes = Counter(
+            "streamrec_params_written_bytes",
+            "Bytes of blobs written to Redis; a part published unchanged writes none.",
+            ["model"],
+            registry=registry,
+        )
+        self.retained_versions = Gauge(
+            "streamrec_params_retained_versions",
+            "Versions of the model kept in Redis after this process's last publish.",
+            ["model"],
+            registry=registry,
+        )
+        self.retained_bytes = Gauge(
+            "streamrec_params_retained_bytes",
+            "Bytes of blobs the kept versions reference, after this process's last publish.",
             ["model"],
             registry=registry,
         )
@@ -281,10 +421,15 @@ class ParamStore:
     Args:
         client: the Redis or Redis Cluster connection (thread-safe; shared by every call).
         keys: the key layout and namespace.
-        blob_ttl_s: how long a replaced blob stays readable.
-        keep_versions: manifests kept (the newest ``keep_versions`` versions).
+        blob_ttl_s: how long a blob that no kept version references stays readable.
+        keep_versions: the newest versions kept per model.
+        keep_bytes: bytes of blobs the kept versions may reference per model (the
+            newest version is kept whatever its size).
         registry: Prometheus registry for the publish series; ``None`` gives a
             private one (see :attr:`registry`).
+
+    Retention arguments left out come from :class:`ParamStoreSettings` (the
+    environment), so every publisher of a deployment applies the same retention.
     """
 
     def __init__(
@@ -292,16 +437,21 @@ class ParamStore:
         client: redis.Redis | RedisCluster,
         *,
         keys: KeySpace | None = None,
-        blob_ttl_s: float = 120.0,
-        keep_versions: int = 20,
+        blob_ttl_s: float | None = None,
+        keep_versions: int | None = None,
+        keep_bytes: int | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
+        if blob_ttl_s is None or keep_versions is None or keep_bytes is None:
+            defaults = ParamStoreSettings()
+            blob_ttl_s = defaults.blob_ttl_s if blob_ttl_s is None else blob_ttl_s
+            keep_versions = defaults.keep_versions if keep_versions is None else keep_versions
+            keep_bytes = defaults.keep_bytes if keep_bytes is None else keep_bytes
         if not (np.isfinite(blob_ttl_s) and blob_ttl_s > 0):
             raise ValueError(f"blob_ttl_s must be a positive number of seconds, got {blob_ttl_s!r}")
-        if isinstance(keep_versions, bool) or not isinstance(keep_versions, int):
-            raise ValueError(f"keep_versions must be an integer >= 1, got {keep_versions!r}")
-        if keep_versions < 1:
-            raise ValueError(f"keep_versions must be an integer >= 1, got {keep_versions!r}")
+        for name, value in (("keep_versions", keep_versions), ("keep_bytes", keep_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError(
                 "ParamStore needs a client with decode_responses=False (blobs are bytes)"
@@ -310,6 +460,7 @@ class ParamStore:
         self.keys = keys if keys is not None else KeySpace()
         self.blob_ttl_s = float(blob_ttl_s)
         self.keep_versions = keep_versions
+        self.keep_bytes = keep_bytes
         self.registry = registry if registry is not None else CollectorRegistry()
         self._metrics = param_metrics(self.registry)
         self._publish = client.register_script(_PUBLISH)
@@ -317,6 +468,10 @@ class ParamStore:
         self._head = client.register_script(_HEAD)
         self._versions = client.register_script(_VERSIONS)
         self._registered: set[str] = set()
+        # (model, part) -> digest of the blob this store last published for it. A part
+        # published again with that digest is sent without its bytes; the script asks
+        # for them if the blob is gone after all (e.g. Redis lost its data).
+        self._stored: dict[tuple[str, str], str] = {}
         self._owns_client = False
 
     @classmethod
@@ -356,12 +511,14 @@ class ParamStore:
         fence: Mapping[str, int] | None = None,
         owner: str = "",
     ) -> int:
-        """Publish new blobs for some parts of ``model`` as one new version; returns it.
+        """Publish blobs for some parts of ``model``; returns the version that holds them.
 
         Parts not named here keep their earlier blobs, which is how processes that
-        each own some partitions build one model together. Each blob must decode
+        each own some partitions build one model together. Each blob must verify
         (checksum included) and name ``model``; a bad one raises
-        :class:`~contracts.params.ParamError` and nothing is published.
+        :class:`~contracts.params.ParamError` and nothing is published. A part
+        whose blob is byte for byte the one it has writes nothing; if no part
+        changes, no version is made and the current one is returned.
 
         ``fence`` maps part names to fencing tokens (the publisher's ownership
         epoch of the part, see :meth:`CheckpointStore.claim
@@ -376,38 +533,31 @@ class ParamStore:
         if not parts:
             raise ValueError(f"publish of model {model!r} needs at least one part")
         fence = fence or {}
-        keys = [
-            self.keys.params_current(model),
-            self.keys.params_parts(model),
-            self.keys.params_fence(model),
-        ]
-        args: list[str | bytes | int] = [
-            self._manifest_prefix(model),
-            max(1, round(self.blob_ttl_s * 1000)),
-            self.keep_versions,
-            self.keys.params_channel(model),
-            owner,
-        ]
-        size = 0
+        blobs: list[tuple[str, bytes, str]] = []
         for part, blob in parts.items():
             _check_name("part", part)
             blob = bytes(blob)
             try:
-                decoded = decode_params(blob)
+                header = verify_params(blob)
             except ParamError as exc:
                 raise ParamError(f"model {model!r} part {part!r}: {exc}") from None
-            if decoded.model != model:
+            if header["model"] != model:
                 raise ParamError(
-                    f"part {part!r} was encoded for model {decoded.model!r}, not {model!r}"
+                    f"part {part!r} was encoded for model {header['model']!r}, not {model!r}"
                 )
-            keys.append(self.keys.params_blob(model, part, uuid.uuid4().hex))
-            token = fence.get(part)
-            args += [part, blob, "" if token is None else int(token)]
-            size += len(blob)
-        version, *stale = self._publish(keys=keys, args=args)
-        version = int(version)
-        if stale:
-            names = [name.decode() for name in stale]
+            blobs.append((part, blob, str(header["sha256"])))
+        elide = {part for part, _, digest in blobs if self._stored.get((model, part)) == digest}
+        reply = self._run_publish(model, blobs, fence, owner, elide)
+        if int(reply[0]) == -1:  # a blob left out is gone: send them all
+            reply = self._run_publish(model, blobs, fence, owner, set())
+        version, kept, kept_bytes, written = (int(n) for n in reply[:4])
+        names = [name.decode() for name in reply[4:]]
+        for part, _, digest in blobs:
+            if part in names:
+                self._stored.pop((model, part), None)
+            else:
+                self._stored[(model, part)] = digest
+        if names:
             self._metrics.fenced.labels(model).inc(len(names))
             log.warning("%s: parts %s not published: a newer owner published them", model, names)
             if not version:
@@ -417,12 +567,58 @@ class ParamStore:
             # version 1 also means a Redis that lost its data, models() included.
             self._redis.sadd(self.keys.models(), model)
             self._registered.add(model)
+        size = sum(len(blob) for _, blob, _ in blobs)
         self._metrics.publish_seconds.labels(model).observe(time.perf_counter() - started)
         self._metrics.publish_bytes.labels(model).set(size)
+        self._metrics.written_bytes.labels(model).inc(written)
+        self._metrics.retained_versions.labels(model).set(kept)
+        self._metrics.retained_bytes.labels(model).set(kept_bytes)
         self._metrics.version.labels(model).set(version)
         self._metrics.publish_timestamp.labels(model).set_to_current_time()
-        log.debug("published %s v%d (%s, %d bytes)", model, version, ", ".join(parts), size)
+        log.debug(
+            "published %s v%d (%s: %d bytes, %d written; keeping %d versions, %d bytes)",
+            model,
+            version,
+            ", ".join(parts),
+            size,
+            written,
+            kept,
+            kept_bytes,
+        )
         return version
+
+    def _run_publish(
+        self,
+        model: str,
+        blobs: Sequence[tuple[str, bytes, str]],
+        fence: Mapping[str, int],
+        owner: str,
+        elide: set[str],
+    ) -> list[Any]:
+        keys = [
+            self.keys.params_current(model),
+            self.keys.params_parts(model),
+            self.keys.params_fence(model),
+        ]
+        args: list[str | bytes | int] = [
+            self._manifest_prefix(model),
+            self._blob_prefix(model),
+            self.keys.params_channel(model),
+            owner,
+            max(1, round(self.blob_ttl_s * 1000)),
+            self.keep_versions,
+            self.keep_bytes,
+        ]
+        for part, blob, digest in blobs:
+            keys.append(self.keys.params_blob(model, part, digest))
+            token = fence.get(part)
+            args += [
+                part,
+                digest,
+                b"" if part in elide else blob,
+                "" if token is None else int(token),
+            ]
+        return cast(list[Any], self._publish(keys=keys, args=args))
 
     # -- reading -----------------------------------------------------------------
 
@@ -440,10 +636,24 @@ class ParamStore:
         return sorted(int(v) for v in found)
 
     def manifest(self, model: str, version: int) -> dict[str, str]:
-        """Part name → blob key of a retained version (empty if the manifest is gone)."""
+        """Part name → blob key of a retained version (empty if the manifest is gone).
+
+        The key ends with the blob's digest (see :meth:`digests`).
+        """
+        return {
+            part: self._blob_key(model, part, ref)
+            for part, ref in self.digests(model, version).items()
+        }
+
+    def digests(self, model: str, version: int) -> dict[str, str]:
+        """Part name → sha256 of its blob in a retained version (empty if the manifest is gone).
+
+        A manifest written before blobs were content-addressed names whole blob
+        keys instead; those are returned as they are.
+        """
         key = self.keys.params_manifest(_check_name("model", model), version)
         raw = cast(dict[bytes, bytes], self._redis.hgetall(key))
-        return {part.decode(): key.decode() for part, key in sorted(raw.items())}
+        return {part.decode(): ref.decode() for part, ref in sorted(raw.items())}
 
     def models(self) -> list[str]:
         """Every model ever published in this namespace, sorted."""
@@ -453,9 +663,10 @@ class ParamStore:
     def head(self, model: str) -> tuple[int, str] | None:
         """``(version, digest)`` of the current version in one small script, or ``None``.
 
-        The digest (sha1 of the version's blob keys) changes with every publish even
-        where the version number does not: a Redis that lost its data counts again
-        from 1. Readers that poll compare both; see :class:`ParamWatcher`.
+        The digest (sha1 of the version's part names and blob digests) names the
+        version's content, so it tells two versions with one number apart: a Redis
+        that lost its data counts again from 1. Readers that poll compare both;
+        see :class:`ParamWatcher`.
         """
         _check_name("model", model)
         found = self._head(
@@ -468,7 +679,7 @@ class ParamStore:
 
         Raises :class:`ModelNotFound` when nothing was published and
         :class:`~contracts.params.ParamError` (naming model, part and version)
-        when a blob is missing or fails its checksum.
+        when a blob is missing, fails its checksum or is not the one its manifest names.
         """
         version, _, parts = self._load(model)
         return version, parts
@@ -494,7 +705,8 @@ class ParamStore:
     def _load(self, model: str) -> tuple[int, str, dict[str, ParamSet]]:
         _check_name("model", model)
         reply = self._read(
-            keys=[self.keys.params_current(model)], args=[self._manifest_prefix(model)]
+            keys=[self.keys.params_current(model)],
+            args=[self._manifest_prefix(model), self._blob_prefix(model)],
         )
         if reply is None:
             raise ModelNotFound(model)
@@ -502,8 +714,8 @@ class ParamStore:
         if len(reply) == 2:
             raise ParamError(f"model {model!r} v{version}: manifest is missing")
         parts: dict[str, ParamSet] = {}
-        for raw_name, blob in zip(reply[2::2], reply[3::2], strict=True):
-            part = raw_name.decode()
+        for raw_name, raw_ref, blob in zip(reply[2::3], reply[3::3], reply[4::3], strict=True):
+            part, ref = raw_name.decode(), raw_ref.decode()
             where = f"model {model!r} part {part!r} v{version}"
             if blob is None:
                 raise ParamError(f"{where}: blob is missing (deleted or evicted)")
@@ -513,8 +725,14 @@ class ParamStore:
                 raise ParamError(f"{where}: {exc}") from None
             if decoded.model != model:
                 raise ParamError(f"{where}: blob names model {decoded.model!r}")
+            if ":" not in ref and decoded.checksum != ref:
+                raise ParamError(f"{where}: blob is not the one the manifest names ({ref})")
             parts[part] = decoded
         return version, digest, dict(sorted(parts.items()))
+
+    def _blob_key(self, model: str, part: str, ref: str) -> str:
+        # As the scripts' blobkey(): a reference with a colon is a whole key (earlier layout).
+        return ref if ":" in ref else self.keys.params_blob(model, part, ref)
 
     def _manifest_prefix(self, model: str) -> str:
         # The scripts build manifest keys from the version; derive the prefix from
@@ -522,6 +740,13 @@ class ParamStore:
         prefix = self.keys.params_manifest(model, 0).removesuffix("0")
         if self.keys.params_manifest(model, 12345) != f"{prefix}12345":
             raise RuntimeError("params_manifest keys must end with the version number")
+        return prefix
+
+    def _blob_prefix(self, model: str) -> str:
+        # The scripts build blob keys as prefix .. part .. ':' .. digest; check the layout agrees.
+        prefix = self.keys.params_blob(model, "p", "d").removesuffix("p:d")
+        if self.keys.params_blob(model, "part", "0f") != f"{prefix}part:0f":
+            raise RuntimeError("params_blob keys must end with <part>:<digest>")
         return prefix
 
 

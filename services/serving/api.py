@@ -9,7 +9,8 @@ Routes:
 - ``POST /v1/recommendations`` with ``{"user_id": …, "k": …, "context": [floats]}``
   for clients that send the request context the bandits score with (``k`` and
   ``context`` are optional);
-- ``/healthz``: 200 once there is something to recommend from, else 503;
+- ``/healthz``: 200 once there is something to recommend from, else 503; its body
+  also says whether impressions are being logged (``impressions_logged``);
 - ``/metrics``: request latency (``streamrec_serving_request_seconds``),
   requests by policy and outcome, per-stage time, the index version and age
   (``streamrec_index_*``) and each policy's parameter version and staleness
@@ -17,9 +18,18 @@ Routes:
 
 Answers: 200 with the slate; 400 with ``{"error", "reasons": [...]}`` for bad
 input (missing or malformed user id, k out of range, wrong context size, bad
-JSON); 503 when nothing is published yet or (``impression_ack``) Kafka did not
-take the impression; 500 with the request's error type otherwise. Every 200 has
-been logged as exactly one impression.
+JSON, JSON nested too deeply); 503 when nothing is published yet or
+(``impression_ack``) Kafka did not take the impression; 500 with the request's
+error type otherwise. With ``impression_ack`` every 200 has been logged as
+exactly one impression; without it (the default) every 200 was handed to the
+producer as exactly one impression, and one Kafka did not take is counted
+(``streamrec_serving_degraded_total{source="impressions"}``), see
+:class:`~services.serving.recommender.KafkaImpressionLog`. Serving starts, and
+answers, while Kafka is down: the producer connects in the background.
+
+The index follows the Redis pointer only into the snapshot store
+(``STREAMREC_SNAPSHOT_DIR``), up to ``max_snapshot_bytes``, checksums verified
+before anything is parsed (see :class:`~services.index.ReloadableIndex`).
 
 Parameters reach serving through :class:`~services.paramstore.ParamWatcher`,
 which keeps the last good version when Redis is unreachable; the index through
@@ -34,11 +44,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -46,13 +57,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from contracts.events import MAX_SLATE
+from contracts.events import MAX_SLATE, EventError, decode_json
 from services.bandits.service import BanditsSettings, build_learner
 from services.common import clients
 from services.common.metrics import serve_metrics
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
 from services.drn.service import DRNSettings
+from services.gateway.sdk import DEFAULT_BUFFER_MEMORY, EventProducer
 from services.index import ReloadableIndex
+from services.index.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES
 from services.paramstore import ParamStore, ParamWatcher
 from services.sequences import Sequences
 from services.serving.candidates import CandidateFeed
@@ -76,7 +89,11 @@ class ServingSettings(BaseSettings):
     """Serving settings (``STREAMREC_SERVING_*``)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="STREAMREC_SERVING_", env_file=".env", extra="ignore"
+        env_prefix="STREAMREC_SERVING_",
+        env_file=".env",
+        extra="ignore",
+        # So that ServingSettings(snapshot_dir=...) works as well as its variables do.
+        populate_by_name=True,
     )
 
     host: str = "127.0.0.1"
@@ -116,6 +133,22 @@ class ServingSettings(BaseSettings):
     impression (503 otherwise) instead of logging asynchronously."""
     impression_timeout_s: float = Field(5.0, gt=0)
     """``STREAMREC_SERVING_IMPRESSION_TIMEOUT_S``: ack wait with ``impression_ack``."""
+    impression_buffer_bytes: int = Field(DEFAULT_BUFFER_MEMORY, ge=1024)
+    """``STREAMREC_SERVING_IMPRESSION_BUFFER_BYTES``: impressions awaiting Kafka's
+    acknowledgement (kafka-python has no ``buffer.memory``); beyond it an impression
+    is not logged (counted) rather than held, so an outage cannot grow serving."""
+    impression_max_block_ms: int = Field(500, ge=1)
+    """``STREAMREC_SERVING_IMPRESSION_MAX_BLOCK_MS``: the longest a request waits for
+    the impressions topic's metadata (kafka-python's ``max_block_ms``, 60 s by default)."""
+    snapshot_dir: Path = Field(
+        Path(".streamrec/snapshots"),
+        validation_alias=AliasChoices("STREAMREC_SERVING_SNAPSHOT_DIR", "STREAMREC_SNAPSHOT_DIR"),
+    )
+    """``STREAMREC_SNAPSHOT_DIR`` (or ``STREAMREC_SERVING_SNAPSHOT_DIR``): the snapshot store
+    the embeddings service writes; serving loads only snapshots directly inside it."""
+    max_snapshot_bytes: int = Field(DEFAULT_MAX_SNAPSHOT_BYTES, ge=1024)
+    """``STREAMREC_SERVING_MAX_SNAPSHOT_BYTES``: larger snapshots (manifest + index) are
+    refused before they are read."""
     seed: int | None = None
     """``STREAMREC_SERVING_SEED``: fixes exploration draws (tests); unset in production."""
 
@@ -268,8 +301,8 @@ def create_app(
     async def _from_body(request: Request) -> Response:
         body = await request.body()
         try:
-            query = decoder.decode(body)
-        except msgspec.DecodeError as exc:
+            query = decode_json(decoder, body)
+        except EventError as exc:
             return bad_request([f"body must be a JSON object {{user_id, k, context}}: {exc}"])
         k = settings.default_k if query.k is None else query.k
         return await run_in_threadpool(answer, query.user_id, k, query.context)
@@ -284,6 +317,7 @@ def create_app(
             "policies": {
                 name: policy_version(policy) for name, policy in recommender.policies.items()
             },
+            "impressions_logged": not getattr(recommender.impressions, "failing", False),
         }
         ready = index_version is not None or len(lists.catalog) or lists.popular or lists.fresh
         if ready:
@@ -316,8 +350,6 @@ class ServingStack:
         drn: DRNSettings | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
-        from services.gateway.sdk import EventProducer
-
         self.settings = settings or ServingSettings()
         redis_settings = redis_settings or RedisSettings()
         bandits = bandits or BanditsSettings()
@@ -327,12 +359,21 @@ class ServingStack:
         self.redis = clients.redis_client(redis_settings)
         self.store = ParamStore(self.redis, keys=keys, registry=self.registry)
         self.policies = build_policies(self.settings, bandits, drn, self.store, self.registry)
-        self.producer = EventProducer(kafka or KafkaSettings(), topics or TopicSettings())
+        # In the background: serving starts and answers while Kafka is down.
+        self.producer = EventProducer(
+            kafka or KafkaSettings(),
+            topics or TopicSettings(),
+            buffer_memory=self.settings.impression_buffer_bytes,
+            max_block_ms=self.settings.impression_max_block_ms,
+            background=True,
+        )
         self.index = ReloadableIndex(
             self.redis,
             keys.index_current(self.settings.index_name),
             poll_interval=self.settings.index_poll_s,
             registry=self.registry,
+            snapshot_dir=self.settings.snapshot_dir,
+            max_snapshot_bytes=self.settings.max_snapshot_bytes,
         )
         self.feed = CandidateFeed(
             self.redis,

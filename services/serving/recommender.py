@@ -140,7 +140,8 @@ class ServingMetrics:
         )
         self.degraded = Counter(
             "streamrec_serving_degraded",
-            "Requests answered without a source, by source (history, index).",
+            "Requests answered without a source, by source (history, index; impressions: "
+            "the slate was answered but its impression not logged).",
             ["source"],
             registry=registry,
         )
@@ -163,11 +164,21 @@ class KafkaImpressionLog:
     """Produces impressions through the producer SDK (validated, keyed by user).
 
     ``wait=False`` (the default) hands the record to the producer and answers at
-    once: Kafka's latency stays off the request path, and a failed delivery is
-    counted (``streamrec_serving_impressions_total{outcome="failed"}``) and
-    logged. ``wait=True`` answers only after the broker acknowledged the
-    impression and raises :class:`ImpressionNotLogged` otherwise, so no slate
-    is ever shown unlogged, at the cost of a produce round trip per request.
+    once, so Kafka's latency and outages stay off the request path. An
+    impression Kafka does not take (the producer not connected yet, because
+    serving started while Kafka was down; its bounded buffer full during an
+    outage; a delivery that failed) is counted
+    (``streamrec_serving_impressions_total{outcome="failed"}`` and
+    ``streamrec_serving_degraded_total{source="impressions"}``) and its slate is
+    still answered: that slate is never learnt from. The first such impression
+    logs a warning that impressions are not being logged, the first delivered
+    one after it that logging resumed; impressions buffered during a short
+    outage are delivered when Kafka is back.
+
+    ``wait=True`` answers only after the broker acknowledged the impression and
+    raises :class:`ImpressionNotLogged` otherwise (a 503), so no slate is ever
+    shown unlogged, at the cost of a produce round trip per request and of
+    serving nothing while Kafka is down.
     """
 
     def __init__(
@@ -182,23 +193,57 @@ class KafkaImpressionLog:
         self.wait = wait
         self.timeout_s = timeout_s
         self.metrics = serving_metrics(registry) if registry is not None else None
+        self._lock = threading.Lock()
+        self._failing = False
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last impression's outcome was a failure to log it."""
+        return self._failing
 
     def log(self, impression: Impression) -> None:
+        request_id = impression.request_id
         try:
             future = self.producer.send_impression(impression)
             if self.wait:
                 future.get(timeout=self.timeout_s)
-                self._count("sent")
-            else:
-                future.add_callback(lambda _meta: self._count("sent"))
-                future.add_errback(self._failed, impression.request_id)
-        except (KafkaError, EventError) as exc:
+        except EventError as exc:
             self._count("failed")
-            raise ImpressionNotLogged(f"impression {impression.request_id}: {exc}") from exc
+            raise ImpressionNotLogged(f"impression {request_id}: {exc}") from exc
+        except KafkaError as exc:
+            self._not_logged(request_id, exc, answered=not self.wait)
+            if self.wait:
+                raise ImpressionNotLogged(f"impression {request_id}: {exc}") from exc
+            return
+        if self.wait:
+            self._logged(None)
+        else:
+            future.add_callback(self._logged)
+            future.add_errback(lambda exc: self._not_logged(request_id, exc, answered=True))
 
-    def _failed(self, exc: BaseException, request_id: str) -> None:
+    def _logged(self, _metadata: object) -> None:
+        self._count("sent")
+        with self._lock:
+            resumed, self._failing = self._failing, False
+        if resumed:
+            log.info("impressions are being logged to Kafka again")
+
+    def _not_logged(self, request_id: str, exc: BaseException, *, answered: bool) -> None:
+        """Kafka did not take an impression; ``answered``: its slate was served anyway."""
         self._count("failed")
-        log.error("impression %s was not delivered: %s", request_id, exc)
+        if answered and self.metrics is not None:
+            self.metrics.degraded.labels("impressions").inc()
+        with self._lock:
+            started, self._failing = not self._failing, True
+        if started:
+            log.warning(
+                "impressions are not being logged (first: %s, %s); %s until Kafka takes them",
+                request_id,
+                exc,
+                "slates are answered but not learnt from" if answered else "requests get 503",
+            )
+        else:
+            log.debug("impression %s not logged: %s", request_id, exc)
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:

@@ -434,3 +434,136 @@ def test_a_joiner_that_crashes_while_re_reading_still_emits_each_feedback_once(
         consumer.close()
         third.close()
     assert {k: f.reward for k, f in applied.items()} == {f.feedback_id: f.reward for f in expected}
+
+
+# -- Issue 11: bounded arms through the real service -----------------------------------
+
+CAP = 64
+
+
+def _flooded_stream(n: int, seed: int) -> list[Feedback]:
+    """Feedback over 3,000 items with a heavy tail, so 64-arm learners evict all the time."""
+    rng = np.random.default_rng(seed)
+    base = time.time()
+    items = rng.zipf(1.3, size=n) % 3000
+    return [
+        Feedback(
+            feedback_id=feedback_id(f"r{i}", f"i{item}"),
+            request_id=f"r{i}",
+            user_id=f"u{i % 501}",
+            item_id=f"i{item}",
+            ts=base + i / 1000,
+            reward=int(rng.random() < 0.1),
+            position=0,
+            propensity=0.5,
+            policy="linucb",
+            context=_context(rng),
+        )
+        for i, item in enumerate(items.tolist())
+    ]
+
+
+def _produce_in_order(bootstrap: str, topic: str, events, rate: float) -> None:
+    """Event ``i`` to partition ``i % 4``, in order (one request in flight: no reordering)."""
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=5, max_in_flight_requests_per_connection=1
+    )
+    started = time.monotonic()
+    for i, event in enumerate(events):
+        producer.send(topic, value=encode(event), partition=i % 4)
+        if i % 500 == 0:
+            time.sleep(max(0.0, started + i / rate - time.monotonic()))
+    producer.flush()
+    producer.close()
+
+
+def _consumed(store: ParamStore, topic: str) -> int:
+    """Feedback consumed into the published model, from the offsets its parts carry."""
+    published = _published(store)
+    return 0 if published is None else sum(published[0]["offsets"].get(topic, {}).values())
+
+
+def test_capped_learners_sigkilled_mid_stream_publish_the_uninterrupted_model(
+    kafka_bootstrap, redis_url, redis_client, keyspace, unique_name, topics, tmp_path
+):
+    """Eviction is a function of each partition's log: a SIGKILL (restore from the
+    checkpoint, re-read) must not change which arms are evicted, so the published model
+    equals capped learners fed each partition without interruption."""
+    feedback = _flooded_stream(40_000, seed=5)
+    store = ParamStore(redis_client, keys=keyspace)
+    env = _env(kafka_bootstrap, redis_url, keyspace, unique_name("bandits"), **topics) | {
+        "STREAMREC_BANDITS_MAX_ARMS": str(CAP)
+    }
+    producer = threading.Thread(
+        target=_produce_in_order, args=(kafka_bootstrap, topics["feedback"], feedback, 6000.0)
+    )
+    producer.start()
+    bandits = ServiceProcess("bandits", env, tmp_path / "b.log").start()
+    try:
+        wait_for(lambda: _consumed(store, topics["feedback"]) > 8000, 60, "progress")
+        bandits.kill()
+        assert _consumed(store, topics["feedback"]) < len(feedback), "mid-stream"
+        bandits.start()
+        producer.join()
+        wait_for(lambda: _consumed(store, topics["feedback"]) == len(feedback), 120, "all consumed")
+        published = _published(store)[1]
+    finally:
+        producer.join()
+        bandits.stop()
+    parts = []
+    for partition in range(4):
+        learner = LinUCB(DIM)
+        learner.limit_arms(CAP, admit_after=2)
+        mine = feedback[partition::4]
+        learner.update(
+            item_labels([f.item_id for f in mine]),
+            np.array([f.context for f in mine]),
+            np.array([f.reward for f in mine], dtype=float),
+        )
+        assert learner.drain_evictions(), "the stream must make every partition evict"
+        parts.append(learner.state())
+    assert len(published["items"]) <= 4 * CAP
+    _assert_same_model(published, LinUCB.merge(parts))
+
+
+def test_the_catalog_published_for_serving_protects_its_arms_in_the_bandits_service(
+    redis_client, keyspace
+):
+    from prometheus_client import CollectorRegistry as Registry
+
+    from services.bandits.service import BanditsProcessor, BanditsSettings, CatalogLabels
+    from services.common import Record
+    from services.serving.candidates import publish_catalog
+
+    catalog = CatalogLabels(redis_client, keyspace, refresh_s=0.01)
+    assert len(catalog.labels()) == 0, "no catalog published yet"
+    real = [f"i{k}" for k in range(40)]
+    publish_catalog(redis_client, keyspace, real, np.zeros((len(real), 8)))
+    time.sleep(0.02)
+    settings = BanditsSettings(policies={"linucb": {"learner": "linucb"}}, max_arms=100)
+    bandits = BanditsProcessor(settings, None, Registry(), catalog)
+    bandits.restore(0, None)
+    rng = np.random.default_rng(6)
+
+    def fb(item: str, n: int) -> Record:
+        event = Feedback(
+            feedback_id=f"r{n}/{item}",
+            request_id=f"r{n}",
+            user_id="u1",
+            item_id=item,
+            ts=time.time(),
+            reward=0,
+            position=0,
+            propensity=0.5,
+            policy="linucb",
+            context=_context(rng),
+        )
+        return Record("feedback", 0, n, None, event, 0)
+
+    bandits.apply([fb(item, n) for n, item in enumerate(real)], None)
+    # Each flooded id arrives twice: past probation, so only the catalog protects real arms.
+    flood = [fb(f"spam-{n // 2}", n) for n in range(10_000)]
+    for lo in range(0, len(flood), 1000):
+        bandits.apply(flood[lo : lo + 1000], None)
+    held = set(bandits.learners[0]["linucb"].state()["items"].tolist())
+    assert set(item_labels(real).tolist()) <= held

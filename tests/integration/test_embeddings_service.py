@@ -255,3 +255,83 @@ def test_sigkill_mid_stream_neither_loses_nor_double_counts_a_click(
     scores = {item: stats.scores.get(f"i{item}", 0.0) for item in range(300)}
     np.testing.assert_allclose([scores[i] for i in range(300)], expected, rtol=1e-6)
     assert "restored" in (tmp_path / "embeddings.log").read_text()
+
+
+def test_a_flood_of_distinct_items_keeps_the_snapshot_and_the_lists_bounded_and_consistent(
+    kafka_bootstrap: str,
+    redis_url: str,
+    redis_client: redis.Redis,
+    keyspace: KeySpace,
+    topic_factory: Callable[..., str],
+    unique_name: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Issue 11: 20,000 invented item ids against a 500-item cap, then real sessions.
+
+    The published index, the popular and fresh lists and the checkpoint must all
+    stay within the cap, and the lists must only name items the index holds.
+    """
+    cap = 500
+    topics = TopicSettings(clicks=topic_factory("clicks", partitions=2))
+    settings = EmbeddingsSettings(
+        group=unique_name("embeddings"),
+        snapshot_dir=tmp_path / "snapshots",
+        publish_interval_s=0.5,
+        dim=8,
+        max_items=cap,
+        popular_n=cap,
+        fresh_n=cap,
+        fresh_window_s=1e9,
+    )
+    registry = CollectorRegistry()
+    running = Running(
+        build_runtime(
+            registry,
+            settings,
+            kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
+            redis_settings=RedisSettings(url=redis_url, namespace=keyspace.namespace),
+            topics=topics,
+        )
+    )
+    try:
+        processor = running.runtime.processor
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
+        for n in range(20_000):
+            bot = f"bot{n % 50}"
+            click = Click(event_id=f"f{n}", user_id=bot, item_id=f"spam-{n}", ts=TS + n / 100)
+            producer.send(topics.clicks, key=bot.encode(), value=encode(click))
+        producer.flush()
+        producer.close()
+
+        def flooded() -> float:
+            evicted = registry.get_sample_value("streamrec_embeddings_evicted_items_total")
+            return (evicted or 0.0) + len(processor.model)
+
+        # Every invented id seen (each distinct: held or forgotten) before the real clicks.
+        wait_until(lambda: flooded() >= 20_000, 90, "the flood consumed")
+        world = World(WORLD, seed=4)
+        clicked = produce_sessions(kafka_bootstrap, topics.clicks, world, 60, 10_000)
+        wait_until(lambda: processor.stats.latest >= TS + 10_059, 90, "every click")
+    finally:
+        running.stop()
+    forgotten = registry.get_sample_value("streamrec_embeddings_evicted_items_total")
+    assert forgotten is not None and forgotten >= 20_000 - cap
+
+    pointer = read_pointer(redis_client, keyspace.index_current("items"))
+    assert pointer is not None
+    with ReloadableIndex(redis_client, keyspace.index_current("items"), poll_interval=0.1) as index:
+        assert index.wait_for_version(pointer.version, timeout=30)
+        indexed = set(index.current.item_ids)
+    assert len(indexed) <= cap
+    assert clicked <= indexed, "the latest real items are the most recently seen: all kept"
+    popular = {item.decode() for item in redis_client.zrange(keyspace.catalog_popular(), 0, -1)}
+    fresh = {item.decode() for item in redis_client.zrange(keyspace.catalog_fresh(), 0, -1)}
+    assert popular and fresh
+    assert popular | fresh <= indexed, "the lists name only items the index holds"
+
+    group = settings.group
+    owner = min(p for p in (0, 1) if redis_client.hget(keyspace.checkpoint(group, p), "state"))
+    arrays = decode_params(redis_client.hget(keyspace.checkpoint(group, owner), "state")).arrays
+    model = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("model/")}
+    stats = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("stats/")}
+    assert len(model["counts"]) == len(stats["score"]) <= cap

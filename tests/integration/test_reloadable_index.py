@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -211,3 +214,117 @@ def test_a_snapshot_refused_at_start_leaves_the_index_not_ready_until_a_good_one
         publish(redis_client, key, write_version(store, 2))
         assert index.wait_for_version(2, timeout=30)
         assert index.current.manifest.version == 2
+
+
+# -- untrusted pointers (issue "Nothing lost, nothing doubled, nothing unbounded", item 13)
+
+
+def write_sized(store: SnapshotStore, version: int, n: int = N) -> Manifest:
+    """Snapshot ``version`` of ``n`` random vectors (ids ``v{version}-item{i}``)."""
+    vectors = np.random.default_rng(version).standard_normal((n, D)).astype(np.float32)
+    spec = IndexSpec(kind="flat", metric="l2")
+    ids = [f"v{version}-item{i}" for i in range(n)]
+    return store.write(build_index(spec, vectors), ids, spec, version)
+
+
+def point_at(client: redis.Redis, key: str, version: int, path: Path) -> None:
+    """Set the pointer as anyone who can write Redis could: any path, its true sha256."""
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    client.set(key, Pointer(version=version, path=str(path), sha256=sha).to_json())
+
+
+def test_pointers_outside_the_store_oversize_tampered_or_malformed_are_refused(
+    tmp_path: Path,
+    redis_client: redis.Redis,
+    keyspace: KeySpace,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Serving follows the pointer only to a verified snapshot inside its store, within
+    the size limit; anything else is refused and counted, and the last good index serves.
+
+    Before, a pointer to a valid snapshot outside the store (a sibling directory by
+    ``..``, a symlink in the store, a symlinked index file) was loaded, the size was
+    not limited, /etc/passwd was read and parsed, and a malformed pointer was logged
+    on every poll but never counted.
+    """
+    caplog.set_level(logging.ERROR, logger="services.index.reloadable")
+    store, elsewhere = SnapshotStore(tmp_path / "store"), SnapshotStore(tmp_path / "elsewhere")
+    key = keyspace.index_current("items")
+    publish(redis_client, key, write_sized(store, 1))
+    v1_bytes = sum(f.stat().st_size for f in store.directory.iterdir())
+    registry = CollectorRegistry()
+    with ReloadableIndex(
+        redis_client,
+        key,
+        poll_interval=0.02,
+        registry=registry,
+        snapshot_dir=store.directory,
+        max_snapshot_bytes=2 * v1_bytes,
+    ) as index:
+        assert index.wait_for_version(1, timeout=30)
+        refused = 0
+
+        def assert_refused(reason: str) -> None:
+            nonlocal refused
+            refused += 1
+            assert wait_until(lambda: failures_total(registry) == refused), reason
+            assert reason in caplog.records[-1].getMessage(), caplog.records[-1].getMessage()
+            assert index.version == 1
+            ids, _ = index.search(np.zeros(D, np.float32), 3)
+            assert all(item.startswith("v1-") for item in ids[0])
+
+        point_at(redis_client, key, 2, Path("/etc/passwd"))
+        assert_refused("outside the snapshot store")
+
+        sibling = write_sized(elsewhere, 3)
+        assert sibling.path is not None
+        point_at(redis_client, key, 3, store.directory / ".." / "elsewhere" / sibling.path.name)
+        assert_refused("outside the snapshot store")
+
+        linked = write_sized(elsewhere, 4)
+        assert linked.path is not None
+        link = store.manifest_path(4)
+        os.symlink(linked.path, link)
+        point_at(redis_client, key, 4, link)
+        assert_refused("outside the snapshot store")
+
+        inside = write_sized(store, 5)
+        assert inside.path is not None
+        index_file = store.directory / inside.index_file
+        escaped = elsewhere.directory / "escaped.faiss"
+        escaped.write_bytes(index_file.read_bytes())
+        index_file.unlink()
+        os.symlink(escaped, index_file)
+        point_at(redis_client, key, 5, inside.path)
+        assert_refused("outside the snapshot store")
+
+        big = write_sized(store, 6, n=4 * N)
+        assert big.path is not None
+        point_at(redis_client, key, 6, big.path)
+        assert_refused("snapshots are limited to")
+
+        tampered = write_sized(store, 7)
+        assert tampered.path is not None
+        index_file = store.directory / tampered.index_file
+        data = bytearray(index_file.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        index_file.write_bytes(bytes(data))
+        point_at(redis_client, key, 7, tampered.path)
+        assert_refused("index checksum mismatch")
+
+        rewritten = write_sized(store, 8)
+        assert rewritten.path is not None
+        original = rewritten.path.read_bytes()
+        rewritten.path.write_bytes(original.replace(b"v8-item1", b"v8-itemX"))
+        sha = hashlib.sha256(original).hexdigest()  # what the publisher pinned
+        redis_client.set(key, Pointer(8, str(rewritten.path), sha).to_json())
+        assert_refused("manifest checksum mismatch")
+
+        redis_client.set(key, b'{"version": 9, "path": "/etc/passwd", "sha256": "x"}')
+        assert_refused("malformed pointer")
+        time.sleep(0.2)
+        assert failures_total(registry) == refused  # refused once, not on every poll
+
+        publish(redis_client, key, write_sized(store, 10))
+        assert index.wait_for_version(10, timeout=30)
+    assert registry.get_sample_value("streamrec_index_swaps_total") == 2

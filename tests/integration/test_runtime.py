@@ -322,3 +322,58 @@ def test_output_kafka_did_not_acknowledge_is_never_checkpointed_past(
     offsets = sorted(int(dict(r.headers)["streamrec-dlq-offset"]) for r in consumer)
     consumer.close()
     assert offsets == [0, 4, 8, 12, 16], "every dead letter arrived once the topic was fixed"
+
+
+def test_records_deleted_before_they_were_read_are_counted_and_skipped_on_the_real_broker(
+    kafka_bootstrap, redis_url, keyspace, unique_name
+):
+    """Retention (here ``DeleteRecords``) moves the log start past a checkpoint: the
+    runtime resumes at the log start and counts the records it never saw, instead of
+    kafka-python resetting silently."""
+    topic, group = unique_name("retention"), unique_name("retention")
+    ensure_topics({"bootstrap_servers": kafka_bootstrap}, {topic: 1, f"{topic}-dlq": 1})
+
+    def produce(numbers: range) -> None:
+        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=5)
+        for i in numbers:
+            producer.send(topic, value=_click(i))
+        producer.flush()
+        producer.close()
+
+    def tally() -> tuple[ConsumerRuntime, TallyProcessor]:
+        processor = TallyProcessor()
+        runtime = tally_runtime(
+            topic,
+            group,
+            processor,
+            redis_settings=RedisSettings(url=redis_url, namespace=keyspace.namespace),
+            settings=RuntimeSettings(max_batch=100),
+            registry=CollectorRegistry(),
+            bootstrap=kafka_bootstrap,
+        )
+        runtime.open()
+        return runtime, processor
+
+    produce(range(100))
+    first, processor = tally()
+    deadline = time.monotonic() + 60
+    while processor.tally.get(0, [0])[0] < 100 and time.monotonic() < deadline:
+        first.poll_once()
+    first.close()
+    produce(range(100, 200))
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    admin.delete_records({TopicPartition(topic, 0): 150})
+    admin.close()
+    second, processor = tally()
+    deadline = time.monotonic() + 60
+    while processor.tally.get(0, [0])[0] < 150 and time.monotonic() < deadline:
+        second.poll_once()
+    try:
+        assert processor.tally[0] == [150, sum(range(100)) + sum(range(150, 200))]
+        labels = {"service": "tally", "topic": topic}
+        skipped = second.registry.get_sample_value(
+            "streamrec_consumer_records_skipped_total", labels
+        )
+        assert skipped == 50
+    finally:
+        second.close()

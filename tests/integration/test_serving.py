@@ -31,6 +31,7 @@ from services.bandits.features import policy_features
 from services.bandits.service import BanditsProcessor, BanditsSettings, build_learner
 from services.common.runtime import ConsumerRuntime, Record
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
+from services.common.topics import ensure_topics
 from services.gateway.sdk import EventProducer
 from services.index import IndexSpec, SnapshotStore, build_index, publish
 from services.joiner.service import JoinerSettings, JoinProcessor
@@ -41,6 +42,7 @@ from services.serving.candidates import publish_catalog, write_ranked
 from services.simulator.command import DEMO_WORLD
 from services.simulator.driver import KafkaSink, ServingSource, Simulation, publish_world_catalog
 from services.simulator.world import World
+from services.stack.kafka import start_broker
 from services.stack.servers import free_port, start_redis
 
 pytestmark = pytest.mark.integration
@@ -221,6 +223,7 @@ def test_unknown_user_is_a_cold_start_and_a_known_user_gets_index_neighbours(
         min_candidates=0,
         popular_n=2,
         fresh_n=0,
+        snapshot_dir=tmp_path,
     ) as (client, stack):
         assert stack.index.wait_for_version(1, timeout=30)
         wait_until(lambda: stack.feed.current().popular, 30, "the popular list")
@@ -407,3 +410,87 @@ def test_closed_loop_feedback_advances_the_served_model(
         for thread in threads:
             thread.join(30)
         sink.close()
+
+
+# -- issue "Nothing lost, nothing doubled, nothing unbounded", items 6 and 9 ----------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"user_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"user_id": "u1", "context": ' + b"[" * 100_000,
+        b'{"user_id": "u1", "k": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"}",
+    ],
+    ids=["arrays", "unclosed-context", "objects"],
+)
+def test_deeply_nested_json_is_a_400_not_a_500(
+    kafka_bootstrap: str,
+    redis_url: str,
+    redis_client: redis.Redis,
+    keyspace: KeySpace,
+    topics: TopicSettings,
+    body: bytes,
+) -> None:
+    publish_catalog(redis_client, keyspace, *catalog_features())
+    with serving(kafka_bootstrap, redis_url, keyspace, topics) as (client, _):
+        response = client.post("/v1/recommendations", content=body)
+        assert response.status_code == 400, response.text
+        assert "nested too deeply" in response.json()["reasons"][0]
+
+
+def test_serving_starts_and_answers_while_kafka_is_down_and_logs_impressions_once_it_is_back(
+    tmp_path: Path,
+    redis_url: str,
+    redis_client: redis.Redis,
+    keyspace: KeySpace,
+    unique_name: Callable[[str], str],
+) -> None:
+    """Kafka down at startup: serving starts at once and answers (impression_ack=false),
+    counts each slate it could not log and says so in /healthz and the log; when the
+    broker is back the producer connects and impressions arrive again.
+
+    Before, the producer's constructor failed after 30 s and serving did not start.
+    """
+    broker = start_broker(tmp_path / "kafka")
+    try:
+        topics = TopicSettings(
+            clicks=unique_name("clicks"), impressions=unique_name("impressions"), partitions=2
+        )
+        ensure_topics({"bootstrap_servers": broker.bootstrap}, {topics.impressions: 2})
+        broker.stop_node(0)
+        publish_catalog(redis_client, keyspace, *catalog_features())
+        started = time.monotonic()
+        with serving(broker.bootstrap, redis_url, keyspace, topics) as (client, stack):
+            assert time.monotonic() - started < 10
+            wait_until(lambda: len(stack.feed.current().catalog), 30, "the catalog")
+
+            def slates(n: int, prefix: str) -> set[str]:
+                ids = set()
+                for i in range(n):
+                    answer = client.get(
+                        "/v1/recommendations", params={"user_id": f"{prefix}{i}", "k": 3}
+                    )
+                    assert answer.status_code == 200, answer.text
+                    ids.add(answer.json()["request_id"])
+                return ids
+
+            unlogged = slates(10, "down")
+            metrics = client.get("/metrics").text
+            assert 'streamrec_serving_degraded_total{source="impressions"} 10.0' in metrics
+            assert 'streamrec_serving_impressions_total{outcome="failed"} 10.0' in metrics
+            health = client.get("/healthz").json()
+            assert health["status"] == "ok" and health["impressions_logged"] is False
+
+            broker.start_node(0)
+            wait_until(lambda: stack.producer.ready, 60, "the producer to connect")
+            logged = slates(10, "up")
+            wait_until(lambda: client.get("/healthz").json()["impressions_logged"], 30, "logging")
+        seen = {
+            decode_impression(r.value).request_id
+            for r in drain(broker.bootstrap, topics.impressions, 2, len(logged))
+        }
+        assert logged <= seen
+        assert not unlogged & seen
+    finally:
+        broker.stop()

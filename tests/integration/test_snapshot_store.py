@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from services.index import (
     build_index,
     publish,
     read_pointer,
+    read_snapshot,
 )
 
 pytestmark = pytest.mark.integration
@@ -186,3 +189,48 @@ def test_write_refuses_mismatched_inputs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="keep must be a positive integer"):
         SnapshotStore(tmp_path, keep=0)
     assert store.versions() == []
+
+
+def test_reads_are_confined_to_the_store_and_bounded_in_size(tmp_path: Path) -> None:
+    """What a pointer can name is confined to the store's regular files, and capped.
+
+    Before: paths outside the store were read (and a valid snapshot there loaded),
+    a FIFO blocked the reader forever, and there was no size limit.
+    """
+    store = SnapshotStore(tmp_path / "store")
+    other = SnapshotStore(tmp_path / "other")
+    manifest = write_version(store, 1)
+    outside = write_version(other, 1)
+    assert manifest.path is not None and outside.path is not None
+    size = manifest.path.stat().st_size + (store.directory / manifest.index_file).stat().st_size
+
+    assert store.read(1)[2] == manifest
+    with pytest.raises(SnapshotError, match="outside the snapshot store"):
+        store.read(outside.path)
+    with pytest.raises(SnapshotError, match="outside the snapshot store"):
+        store.read(store.directory / ".." / "other" / outside.path.name)
+    (store.directory / "notes.json").write_text("{}")
+    with pytest.raises(SnapshotError, match="not a snapshot manifest"):
+        store.read(store.directory / "notes.json")
+    # Exactly at the limit is fine; one byte less is refused before the index is read.
+    assert read_snapshot(manifest.path, root=store.directory, max_bytes=size)[2] == manifest
+    with pytest.raises(SnapshotError, match="snapshots are limited to"):
+        read_snapshot(manifest.path, root=store.directory, max_bytes=size - 1)
+    with pytest.raises(SnapshotError, match="snapshots are limited to"):
+        read_snapshot(manifest.path, root=store.directory, max_bytes=100)
+
+    fifo = store.manifest_path(2)
+    os.mkfifo(fifo)
+    outcome: list[str] = []
+
+    def read_fifo() -> None:
+        try:
+            read_snapshot(fifo, root=store.directory, expected_sha256=hashlib.sha256().hexdigest())
+        except SnapshotError as exc:
+            outcome.append(exc.reason)
+
+    reader = threading.Thread(target=read_fifo, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    assert outcome and "not a regular file" in outcome[0]

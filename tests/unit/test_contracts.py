@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ from contracts.events import (
     decode_click,
     decode_feedback,
     decode_impression,
+    decode_json,
     encode,
     split_batch,
 )
@@ -105,6 +107,38 @@ def test_split_batch_keeps_each_element_raw():
     assert split_batch(b'{"a": 1}') == [b'{"a": 1}']
     with pytest.raises(EventError):
         split_batch(b'[{"a": 1}')
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000,
+        b"[" + b"[" * 100_000 + b"]" * 100_000 + b"]",
+        b'[{"a": ' * 100_000,
+        b'[{"event_id": "c1"}, ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"]",
+    ],
+    ids=["open-arrays", "closed-arrays", "open-objects", "closed-objects-in-second-event"],
+)
+def test_split_batch_refuses_deep_nesting_as_malformed(body):
+    """msgspec recurses per level: before, these raised RecursionError (a 500 in the gateway)."""
+    with pytest.raises(EventError, match="^malformed: JSON nested too deeply$"):
+        split_batch(body)
+
+
+def test_decode_json_turns_every_decoding_failure_into_an_event_error():
+    typed, untyped = msgspec.json.Decoder(list[int]), msgspec.json.Decoder()
+    assert decode_json(typed, b"[1, 2]") == [1, 2]
+    for decoder, raw, prefix in [
+        (untyped, b"[" * 100_000, "malformed: JSON nested too deeply"),
+        (untyped, b'{"a": ' * 100_000, "malformed: JSON nested too deeply"),
+        (untyped, b"[" * 100_000 + b"]" * 100_000, "malformed: JSON nested too deeply"),
+        (typed, b"[1,", "malformed"),
+        (typed, b'["a"]', "invalid"),
+        (untyped, b'["\xff"]', "malformed"),
+    ]:
+        with pytest.raises(EventError) as error:
+            decode_json(decoder, raw)
+        assert error.value.reason.startswith(prefix), (raw[:20], error.value.reason)
 
 
 def test_committed_schemas_match_the_code():

@@ -1,0 +1,296 @@
+"""An in-memory broker and checkpoint store for millisecond unit tests of the runtime.
+
+:class:`MemoryBroker` keeps each topic partition as a list of records and hands
+out consumers and producers with the parts of kafka-python's interface that
+:class:`~services.common.runtime.ConsumerRuntime` uses (subscribe with a
+rebalance listener, poll, seek, pause, high watermarks, send futures, flush).
+:class:`MemoryCheckpoints` behaves as :class:`~services.common.checkpoint.CheckpointStore`
+does in Redis: claims bump epochs, saves are all-or-nothing and fenced, and
+checkpoints round-trip through the same JSON. Faults are injected on purpose:
+a poll that raises, a topic that refuses records, a log whose start moved
+(retention) or that was cut short.
+
+This is for pure-logic tests; integration tests run on the real Kafka and Redis.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from kafka import TopicPartition
+from kafka.errors import KafkaError, OffsetOutOfRangeError
+
+from services.common.checkpoint import Checkpoint, Fenced
+from services.common.runtime import Connections
+
+_json = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A consumed record, shaped as kafka-python's ConsumerRecord where the runtime reads it."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass
+class Log:
+    """One partition: its records by offset, and the first offset still kept."""
+
+    records: list[Message] = field(default_factory=list)
+    start: int = 0
+
+    @property
+    def end(self) -> int:
+        return len(self.records)
+
+
+class MemoryBroker:
+    """Topics, consumer groups and injected faults; one per test."""
+
+    def __init__(self, topics: Mapping[str, int]) -> None:
+        self.logs: dict[TopicPartition, Log] = {
+            TopicPartition(topic, p): Log() for topic, count in topics.items() for p in range(count)
+        }
+        self.clock_ms = 1_700_000_000_000
+        self.groups: dict[str, list[MemoryConsumer]] = defaultdict(list)
+        #: Exceptions the next polls of any consumer raise, in order.
+        self.poll_failures: list[Exception] = []
+        #: Topics whose sends fail (as Kafka refusing a record too large, say).
+        self.refusing: dict[str, KafkaError] = {}
+        self.commits: dict[str, dict[TopicPartition, int]] = defaultdict(dict)
+
+    # -- the log ------------------------------------------------------------------
+
+    def partitions(self, topic: str) -> set[int]:
+        return {tp.partition for tp in self.logs if tp.topic == topic}
+
+    def append(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        partition: int = 0,
+        key: bytes | None = None,
+        headers: Iterable[tuple[str, bytes]] = (),
+        timestamp_ms: int | None = None,
+    ) -> int:
+        """Append one record; returns its offset."""
+        log = self.logs[TopicPartition(topic, partition)]
+        self.clock_ms += 1
+        offset = log.end
+        log.records.append(
+            Message(topic, partition, offset, timestamp_ms or self.clock_ms, key, value, [*headers])
+        )
+        return offset
+
+    def read(self, topic: str, partition: int = 0) -> list[Message]:
+        log = self.logs[TopicPartition(topic, partition)]
+        return log.records[log.start :]
+
+    def delete_records(self, topic: str, partition: int, before: int) -> None:
+        """Move the log start (what retention does): records below ``before`` are gone."""
+        self.logs[TopicPartition(topic, partition)].start = before
+
+    def truncate(self, topic: str, partition: int, end: int) -> None:
+        """Cut the log short (a lost tail, or a topic deleted and created again)."""
+        log = self.logs[TopicPartition(topic, partition)]
+        log.records = log.records[:end]
+        log.start = min(log.start, end)
+
+    # -- clients ------------------------------------------------------------------
+
+    def connections(self, checkpoints: MemoryCheckpoints) -> Connections:
+        return Connections(
+            consumer=lambda group: MemoryConsumer(self, group),
+            producer=lambda: MemoryProducer(self),
+            checkpoints=checkpoints,
+        )
+
+    def rebalance(self, group: str) -> None:
+        """Range-assign every subscribed partition over the group's open members."""
+        members = [m for m in self.groups[group] if not m.closed]
+        if not members:
+            return
+        topics = sorted({t for m in members for t in m.topics})
+        numbers = sorted({p for t in topics for p in self.partitions(t)})
+        share, extra = divmod(len(numbers), len(members))
+        at = 0
+        for i, member in enumerate(members):
+            n = share + (1 if i < extra else 0)
+            mine = numbers[at : at + n]
+            at += n
+            member.pending = {TopicPartition(t, p) for t in member.topics for p in mine}
+
+
+class MemoryConsumer:
+    """A group member with an eager rebalance protocol: revoke everything, assign anew."""
+
+    def __init__(self, broker: MemoryBroker, group: str) -> None:
+        self.broker = broker
+        self.group = group
+        self.topics: list[str] = []
+        self.listener: Any = None
+        self.assigned: set[TopicPartition] = set()
+        self.pending: set[TopicPartition] | None = None
+        self.positions: dict[TopicPartition, int] = {}
+        self.paused: set[TopicPartition] = set()
+        self.fetched: dict[TopicPartition, int] = {}
+        self.closed = False
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return self.broker.partitions(topic)
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.topics, self.listener = list(topics), listener
+        self.broker.groups[self.group].append(self)
+        self.broker.rebalance(self.group)
+
+    def poll(self, timeout_ms: int = 0, max_records: int = 500) -> dict[TopicPartition, list]:
+        if self.broker.poll_failures:
+            raise self.broker.poll_failures.pop(0)
+        if self.pending is not None:
+            new, self.pending = self.pending, None
+            self.listener.on_partitions_revoked(sorted(self.assigned))
+            self.assigned = set(new)
+            self.positions = {tp: p for tp, p in self.positions.items() if tp in new}
+            self.listener.on_partitions_assigned(sorted(new))
+        out: dict[TopicPartition, list] = {}
+        budget = max_records
+        for tp in sorted(self.assigned - self.paused):
+            log = self.broker.logs[tp]
+            position = self.positions[tp]
+            if position < log.start or position > log.end:
+                raise OffsetOutOfRangeError({tp: position})
+            batch = log.records[position : position + budget]
+            self.fetched[tp] = log.end
+            if batch:
+                out[tp] = batch
+                self.positions[tp] = position + len(batch)
+                budget -= len(batch)
+            if not budget:
+                break
+        return out
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.positions[tp] = offset
+
+    def seek_to_beginning(self, *tps: TopicPartition) -> None:
+        for tp in tps:
+            self.positions[tp] = self.broker.logs[tp].start
+
+    def beginning_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.broker.logs[tp].start for tp in tps}
+
+    def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.broker.logs[tp].end for tp in tps}
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.paused.update(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.paused.difference_update(tps)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.fetched.get(tp)
+
+    def commit_async(self, offsets: Mapping[TopicPartition, Any]) -> None:
+        self.broker.commits[self.group].update({tp: o.offset for tp, o in offsets.items()})
+
+    def close(self, autocommit: bool = False) -> None:
+        self.closed = True
+        self.broker.rebalance(self.group)
+
+
+class SendFuture:
+    """A send's outcome, as kafka-python's FutureRecordMetadata exposes it."""
+
+    def __init__(self, error: KafkaError | None) -> None:
+        self.error = error
+
+    def succeeded(self) -> bool:
+        return self.error is None
+
+    def get(self, timeout: float | None = None) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def add_errback(self, callback: Callable[[Exception], Any]) -> SendFuture:
+        if self.error is not None:
+            callback(self.error)
+        return self
+
+
+class MemoryProducer:
+    """Appends at once, or fails the send if the topic refuses records."""
+
+    def __init__(self, broker: MemoryBroker) -> None:
+        self.broker = broker
+        self.sent = 0
+
+    def send(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: Iterable[tuple[str, bytes]] = (),
+    ) -> SendFuture:
+        self.sent += 1
+        if (error := self.broker.refusing.get(topic)) is not None:
+            return SendFuture(error)
+        self.broker.append(topic, value, partition=partition or 0, key=key, headers=headers)
+        return SendFuture(None)
+
+    def partitions_for(self, topic: str) -> set[int]:
+        return self.broker.partitions(topic)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Sends complete at once here."""
+
+    def close(self, timeout: float | None = None) -> None:
+        """Nothing to release."""
+
+
+class MemoryCheckpoints:
+    """:class:`~services.common.checkpoint.CheckpointStore` in a dict: same claims,
+    same fencing, checkpoints stored as the same JSON (so nothing aliases)."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, int] = {}
+        self.stored: dict[int, bytes] = {}
+        self.saves = 0
+
+    def claim(self, partitions: Iterable[int]) -> tuple[dict[int, Checkpoint], dict[int, int]]:
+        numbers = list(partitions)
+        for number in numbers:
+            self.epochs[number] = self.epochs.get(number, 0) + 1
+        return self.load(numbers), {n: self.epochs[n] for n in numbers}
+
+    def save(self, checkpoints: Mapping[int, Checkpoint]) -> None:
+        fenced = [p for p, c in checkpoints.items() if self.epochs.get(p, c.epoch) != c.epoch]
+        if fenced:
+            raise Fenced(fenced)
+        self.saves += 1
+        for partition, ckpt in checkpoints.items():
+            self.stored[partition] = _json.encode(ckpt)
+
+    def load(self, partitions: Iterable[int]) -> dict[int, Checkpoint]:
+        return {
+            p: msgspec.json.decode(self.stored[p], type=Checkpoint)
+            for p in partitions
+            if p in self.stored
+        }
