@@ -600,7 +600,16 @@ class ConsumerRuntime:
         self.metrics.checkpoint_seconds.labels(self.service).observe(time.perf_counter() - started)
         self.metrics.checkpoint_timestamp.labels(self.service).set(time.time())
         self._commit(targets)
-        self.processor.after_checkpoint({p: self._owned[p] for p in targets})
+        try:
+            self.processor.after_checkpoint({p: self._owned[p] for p in targets})
+        except clients.REDIS_ERRORS as exc:
+            # The checkpoint is written, what the processor publishes from it is not (Redis
+            # went away in between). Dirty again: the next checkpoint rewrites the same
+            # state and publishes it, instead of the service exiting on a Redis error.
+            self._dirty.update(targets)
+            self.metrics.checkpoint_failures.labels(self.service).inc()
+            log.error("publish after checkpoint failed (will retry): %s", exc)
+            return False
         return True
 
     def _commit(self, partitions: Sequence[int]) -> None:

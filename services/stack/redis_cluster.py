@@ -8,11 +8,18 @@ even share of the 16384 slots (``CLUSTER ADDSLOTS``), then the first node meets
 the others (``CLUSTER MEET``). :func:`start_redis_cluster` returns once every
 node reports ``cluster_state:ok`` and sees exactly the slot map that was assigned.
 
-There are no replicas: a stopped master takes its slots down with it, and
-:meth:`EmbeddedRedisCluster.start_node` brings it back on the same port with its
-``nodes.conf`` (same node id, same slots) but without its data, since nothing is
-persisted. That is what fault tests want: the slot's keys are lost, the rest of
+By default there are no replicas: a stopped master takes its slots down with it,
+and :meth:`EmbeddedRedisCluster.start_node` brings it back on the same port with
+its ``nodes.conf`` (same node id, same slots) but without its data, since nothing
+is persisted. That is what fault tests want: the slot's keys are lost, the rest of
 the cluster keeps them.
+
+With ``replicas=N`` each master gets N replicas (``CLUSTER REPLICATE``, as
+``redis-cli --cluster create --cluster-replicas N`` would do), and a master that
+dies is replaced: once the other masters agree it failed (about
+``cluster-node-timeout`` after it stopped answering) one of its replicas is
+promoted and takes its slots, with whatever the asynchronous replication had
+copied (:meth:`EmbeddedRedisCluster.wait_failover`).
 
 Redis 6.2 derives a node's cluster bus port from its client port (+10000), so
 ports are picked with both free.
@@ -25,7 +32,8 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import redis
@@ -108,15 +116,40 @@ def _check_views(clients: list[redis.Redis], expected: dict[tuple[int, int], str
             raise ServerError(f"slot map {seen} differs from the one assigned")
 
 
+def _replication_up(client: redis.Redis) -> None:
+    """Raise unless the node is a replica whose link to its master is up (initial sync done)."""
+    info = client.info("replication")
+    if info.get("role") != "slave" or info.get("master_link_status") != "up":
+        raise ServerError(f"replica role {info.get('role')}, link {info.get('master_link_status')}")
+
+
 @dataclass
 class EmbeddedRedisCluster:
-    """Redis Cluster masters (no replicas) on loopback ports; see :func:`start_redis_cluster`."""
+    """Redis Cluster nodes on loopback ports; see :func:`start_redis_cluster`.
+
+    Masters come first in :attr:`nodes` and :attr:`processes`, then the replicas:
+    replica ``k`` of master ``i`` is node ``masters + i * replicas + k``.
+    """
 
     processes: list[ManagedProcess]
     nodes: list[int]
     #: Slot range -> node id of the master that owns it.
     slot_owners: dict[tuple[int, int], str]
     timeout: float
+    #: Replicas of each master.
+    replicas: int = 0
+    #: Node id of each node, in the order of :attr:`nodes`.
+    ids: list[str] = field(default_factory=list)
+
+    @property
+    def masters(self) -> int:
+        """How many masters the cluster was formed with."""
+        return len(self.nodes) // (1 + self.replicas)
+
+    def replicas_of(self, index: int) -> list[int]:
+        """Indexes of the nodes formed as replicas of master ``index``."""
+        first = self.masters + index * self.replicas
+        return list(range(first, first + self.replicas))
 
     @property
     def url(self) -> str:
@@ -129,11 +162,62 @@ class EmbeddedRedisCluster:
         return f"redis+cluster://{hosts}/0"
 
     def node_of_slot(self, slot: int) -> int:
-        """Index (into :attr:`nodes`) of the master that serves ``slot``."""
-        for index, (start, end) in enumerate(slot_ranges(len(self.nodes))):
-            if start <= slot <= end:
-                return index
-        raise ValueError(f"slot {slot} is not between 0 and {SLOTS - 1}")
+        """Index (into :attr:`nodes`) of the master that serves ``slot``.
+
+        That is the master it was assigned to, or the replica that took over after a
+        :meth:`wait_failover`.
+        """
+        if not 0 <= slot < SLOTS:
+            raise ValueError(f"slot {slot} is not between 0 and {SLOTS - 1}")
+        owner = next(
+            node for (start, end), node in self.slot_owners.items() if start <= slot <= end
+        )
+        return self.ids.index(owner)
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL one node: no shutdown, no last write; its slots stay down (no replicas)
+        or move to a replica (:meth:`wait_failover`)."""
+        process = self.processes[index]
+        if process.alive():
+            assert process.popen is not None
+            process.popen.kill()
+            process.popen.wait()
+
+    def wait_failover(self, index: int) -> int:
+        """Wait until a replica has taken over every slot of the stopped master ``index``
+        and every running node says ``cluster_state:ok``; returns the new master's index.
+
+        :attr:`slot_owners` follows the change, so :meth:`node_of_slot` and
+        :meth:`wait_healthy` (after the old master is started again, as a replica of the
+        new one) see the new owner.
+        """
+        old = self.ids[index]
+        ranges = [span for span, owner in self.slot_owners.items() if owner == old]
+        running = [n for n, process in enumerate(self.processes) if process.alive()]
+        clients = [_admin(self.nodes[n]) for n in running]
+        taken: dict[tuple[int, int], str] = {}
+
+        def promoted() -> None:
+            views = []
+            for client in clients:
+                state = cluster_info(client).get("cluster_state")
+                if state != "ok":
+                    raise ServerError(f"cluster_state is {state}")
+                views.append(_slot_map(client))
+            if any(view != views[0] for view in views):
+                raise ServerError("the running nodes disagree on the slot map")
+            owners = {views[0].get(span) for span in ranges}
+            if len(owners) != 1 or None in owners or old in owners:
+                raise ServerError(f"the slots of {old} are owned by {owners}")
+            taken.update(views[0])
+
+        try:
+            wait_healthy(promoted, "redis cluster failover", self.timeout, [])
+        finally:
+            for client in clients:
+                client.close()
+        self.slot_owners = taken
+        return self.ids.index(taken[ranges[0]])
 
     def stop_node(self, index: int) -> None:
         """Stop one master; its slots are down until :meth:`start_node`."""
@@ -156,15 +240,23 @@ class EmbeddedRedisCluster:
         self.wait_healthy()
 
     def wait_healthy(self) -> None:
-        """Wait until every node is up, says ``cluster_state:ok`` and sees the assigned slots."""
+        """Wait until every node is up, says ``cluster_state:ok`` and sees the assigned
+        slots, and every replica has synced with its master."""
         clients = [_admin(port) for port in self.nodes]
+        owners = set(self.slot_owners.values())
+        replicas = [
+            client
+            for client, node_id in zip(clients, self.ids, strict=True)
+            if node_id not in owners
+        ]
+
+        def healthy() -> None:
+            _check_views(clients, self.slot_owners)
+            for client in replicas:
+                _replication_up(client)
+
         try:
-            wait_healthy(
-                lambda: _check_views(clients, self.slot_owners),
-                "redis cluster",
-                self.timeout,
-                self.processes,
-            )
+            wait_healthy(healthy, "redis cluster", self.timeout, self.processes)
         finally:
             for client in clients:
                 client.close()
@@ -200,7 +292,8 @@ def _argv(port: int, data_dir: Path, node_timeout_ms: int) -> list[str]:
 
 
 def _form(cluster: EmbeddedRedisCluster) -> None:
-    """Give each node its epoch and slots, introduce them to each other, and record the owners."""
+    """Give each master its epoch and slots, introduce the nodes to each other, record
+    the owners, and make the other nodes replicas of their masters."""
     clients = [_admin(port) for port in cluster.nodes]
     try:
         wait_healthy(
@@ -209,14 +302,22 @@ def _form(cluster: EmbeddedRedisCluster) -> None:
             cluster.timeout,
             cluster.processes,
         )
-        ranges = slot_ranges(len(cluster.nodes))
-        for epoch, (client, (start, end)) in enumerate(zip(clients, ranges, strict=True), 1):
+        cluster.ids[:] = [str(client.execute_command("CLUSTER", "MYID")) for client in clients]
+        ranges = slot_ranges(cluster.masters)
+        for epoch, (client, (start, end)) in enumerate(zip(clients, ranges, strict=False), 1):
             # Distinct epochs up front spare the cluster its epoch-collision rounds.
             client.execute_command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
             client.execute_command("CLUSTER", "ADDSLOTS", *range(start, end + 1))
-            cluster.slot_owners[start, end] = str(client.execute_command("CLUSTER", "MYID"))
+            cluster.slot_owners[start, end] = cluster.ids[epoch - 1]
         for port in cluster.nodes[1:]:
             clients[0].execute_command("CLUSTER", "MEET", "127.0.0.1", port)
+        for master in range(cluster.masters):
+            for replica in cluster.replicas_of(master):
+                # Refused ("Unknown node") until the gossip has told the replica of its master.
+                replicate = partial(
+                    clients[replica].execute_command, "CLUSTER", "REPLICATE", cluster.ids[master]
+                )
+                wait_healthy(replicate, "redis cluster replica", cluster.timeout, cluster.processes)
     finally:
         for client in clients:
             client.close()
@@ -226,21 +327,25 @@ def start_redis_cluster(
     data_dir: Path,
     masters: int = 3,
     *,
+    replicas: int = 0,
     node_timeout_ms: int = 3000,
     timeout: float = 30.0,
 ) -> EmbeddedRedisCluster:
     """Start ``masters`` cluster-enabled redis-servers, form the cluster and wait until it is ok.
 
-    ``node_timeout_ms`` is ``cluster-node-timeout``: how long a stopped master
-    goes unnoticed (and, doubled, how long a restarted one may take to be taken
-    back). ``timeout`` bounds each wait for health, here and in
-    :meth:`EmbeddedRedisCluster.start_node`.
+    ``replicas`` more nodes per master replicate it and take over its slots if
+    it fails. ``node_timeout_ms`` is ``cluster-node-timeout``: how long a stopped
+    master goes unnoticed before a replica is promoted (and, doubled, how long a
+    restarted one may take to be taken back). ``timeout`` bounds each wait for
+    health, here and in :meth:`EmbeddedRedisCluster.start_node`.
     """
     slot_ranges(masters)  # validates the count before anything starts
+    if replicas < 0:
+        raise ValueError(f"replicas must be >= 0, got {replicas}")
     data_dir = Path(data_dir)
-    cluster = EmbeddedRedisCluster([], [], {}, timeout)
+    cluster = EmbeddedRedisCluster([], [], {}, timeout, replicas)
     try:
-        for index in range(masters):
+        for index in range(masters * (1 + replicas)):
             taken = cluster.nodes + [port + BUS_PORT_OFFSET for port in cluster.nodes]
             port = cluster_port(taken)
             node_dir = data_dir / f"node-{index}"

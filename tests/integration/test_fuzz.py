@@ -4,8 +4,11 @@ Three real processes (gateway, sequences, bandits) against the real broker and
 Redis. Bad events go through the gateway (each must get a 4xx with a reason and
 nothing produced) and straight into the clicks and feedback topics (each must be
 dead-lettered with a reason naming its category and its exact source offset).
-Every good event must be applied exactly once: the sequences' per-user totals
-and the bandits' published model are checked against the good events alone.
+Headers are input too: good values under malformed producer stamps or control
+headers the topic does not carry are dead-lettered, and a spoofed huge sequence
+number does not silence the real source it imitates. Every good event must be
+applied exactly once: the sequences' per-user totals and the bandits' published
+model are checked against the good events alone.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from contracts.events import encode
 from contracts.keys import KeySpace
+from services.common.runtime import CONTROL_HEADER, SEQ_HEADER, SOURCE_HEADER
 from services.paramstore import ParamStore
 from services.sequences.store import TOTAL_FIELD
 from services.stack.servers import free_port
@@ -157,6 +161,26 @@ MUTATIONS: list[Mutation] = [
 ]
 
 
+Headers = list[tuple[str, bytes]]
+
+
+def _poison_headers(rng: random.Random) -> tuple[Headers, str]:
+    """Headers that must sink a record whatever its value: a malformed producer
+    stamp, or a control header on a topic whose readers expect none."""
+    source = (SOURCE_HEADER, b"fuzz:0")
+    bad_seq = rng.choice([b"", b"-1", b"12a", b"1e3", b"\xff", b"9" * 19])
+    bad_source = rng.choice([b"\xff\xfe:0", b"nocolon", b"a:b", b"", b"x" * 200 + b":0"])
+    return rng.choice(
+        [
+            ([source], "invalid header"),
+            ([source, (SEQ_HEADER, bad_seq)], "invalid header"),
+            ([(SOURCE_HEADER, bad_source), (SEQ_HEADER, b"0")], "invalid header"),
+            ([(SEQ_HEADER, b"3")], "invalid header"),
+            ([(CONTROL_HEADER, b"1")], "unexpected control record"),
+        ]
+    )
+
+
 def _click(i: int, source: str, now: float) -> dict:
     return {
         "schema_version": 1,
@@ -254,20 +278,40 @@ def test_poison_fuzz_rejects_or_dead_letters_every_bad_event_and_applies_every_g
                     good_clicks += batch_events
             assert rejected == 1_500
 
+            stamped = 0  # records of one real emitter, numbered 0, 1, 2, ... on partition 0
             for i in range(3_000):
                 good = _click(i, "kf", now)
                 good_clicks.append(good)
                 producer.send(topics["clicks"], key=good["user_id"].encode(), value=_json(good))
-                raw, reason = rng.choice(MUTATIONS)(rng, good)
-                future = producer.send(topics["clicks"], key=b"u1", value=raw)
+                if i % 4 == 0:  # the good value again, under headers that must sink it
+                    raw = _json(good)
+                    headers, reason = _poison_headers(rng)
+                    future = producer.send(topics["clicks"], value=raw, headers=headers)
+                elif i % 4 == 1:  # a real stamped source, then a spoof of it that jumps ahead
+                    real = _click(i, "stamped", now)
+                    good_clicks.append(real)
+                    stamp = [(SOURCE_HEADER, b"emitter:0"), (SEQ_HEADER, b"%d" % stamped)]
+                    producer.send(topics["clicks"], value=_json(real), headers=stamp, partition=0)
+                    stamped += 1
+                    raw, reason = _json(_click(i, "spoof", now)), "sequence gap"
+                    spoof = [(SOURCE_HEADER, b"emitter:0"), (SEQ_HEADER, b"%d" % (10**17 + i))]
+                    future = producer.send(topics["clicks"], value=raw, headers=spoof, partition=0)
+                else:
+                    raw, reason = rng.choice(MUTATIONS)(rng, good)
+                    future = producer.send(topics["clicks"], key=b"u1", value=raw)
                 bad_sent.append((future, raw, reason))
             for i, feedback in enumerate(good_feedback):
                 producer.send(
                     topics["feedback"], key=feedback.user_id.encode(), value=encode(feedback)
                 )
-                base = json.loads(encode(feedback))
-                raw, reason = MUTATIONS[i % len(MUTATIONS)](rng, base)
-                future = producer.send(topics["feedback"], key=b"u1", value=raw)
+                if i % 5 == 0:  # the same feedback again: applying it would double it
+                    raw = encode(feedback)
+                    headers, reason = _poison_headers(rng)
+                    future = producer.send(topics["feedback"], value=raw, headers=headers)
+                else:
+                    base = json.loads(encode(feedback))
+                    raw, reason = MUTATIONS[i % len(MUTATIONS)](rng, base)
+                    future = producer.send(topics["feedback"], key=b"u1", value=raw)
                 bad_sent.append((future, raw, reason))
             producer.flush()
             where = {}

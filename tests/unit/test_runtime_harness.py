@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 
 import pytest
+import redis
 from kafka import TopicPartition
 from kafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from prometheus_client import CollectorRegistry
@@ -357,3 +358,35 @@ def test_positions_past_the_log_end_follow_the_configured_policy(
         drain(second)
         assert second.processor.state[0] == [11, 52]
     assert TopicPartition(IN, 0) in second._consumer.paused or not paused
+
+
+class Publisher(Tally):
+    """A Tally that publishes after each checkpoint, to a store that can fail like Redis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.published: list[dict[int, list[int]]] = []
+
+    def after_checkpoint(self, checkpoints: Mapping[int, Checkpoint]) -> None:
+        if self.down:
+            raise redis.TimeoutError("Timeout reading from socket")
+        self.published.append({p: json.loads(c.state) for p, c in checkpoints.items()})
+
+
+def test_a_publish_that_fails_after_its_checkpoint_is_retried_by_the_next_one(broker) -> None:
+    """Redis may go away between the checkpoint and the publish that follows it: the
+    service goes on, counts the failure, and the next checkpoint publishes again."""
+    store = MemoryCheckpoints()
+    for i in range(6):
+        broker.append(IN, b"%d" % i, partition=i % 2)
+    run = runtime(broker, store, Publisher())
+    processor = run.processor
+    assert isinstance(processor, Publisher)
+    drain(run)
+    processor.down = True
+    assert not run.checkpoint()
+    assert sample(run, "streamrec_consumer_checkpoint_failures_total") == 1
+    processor.down = False
+    assert run.checkpoint()  # nothing new was read: the failed publish alone makes it due
+    assert processor.published == [{0: [3, 6], 1: [3, 9]}]
