@@ -1,7 +1,7 @@
 """Soak: the whole system under a steady load for minutes, on the embedded Apache Kafka.
 
-Run: python benchmarks/soak.py [--seconds 600] [--rate 5000]
-[--capacity 5000,7500,10000 --capacity-seconds 300]; writes benchmarks/results/soak.json.
+Run: python benchmarks/soak.py [--seconds 600] [--rate 5000 | --rate 0]
+[--capacity 5000,4000,3000 --capacity-seconds 300]; writes benchmarks/results/soak.json.
 
 Every service runs as its own supervised ``streamrec run`` process (gateway,
 joiner, bandits, drn, sequences, embeddings, serving) against the embedded
@@ -21,9 +21,11 @@ LinUCB version's offsets cover them (feedback produced → version readable).
 After the load it lets the loop drain and reconciles from the Kafka log: the
 LinUCB state must hold one update per (linucb impression, shown item) in the
 log and one reward per click on a shown item of a linucb impression (0 lost,
-0 doubled). ``--capacity`` then runs the stack afresh at each rate for
-``--capacity-seconds`` and reports the highest at which every consumer's lag
-stayed bounded (below ``--bound-s`` seconds of input) throughout.
+0 doubled). ``--capacity`` runs first: the stack afresh at each rate for
+``--capacity-seconds``, reporting the highest at which the gateway took the
+whole rate and every consumer's lag stayed bounded (below ``--bound-s`` seconds
+of input) throughout; a trial stops as soon as a lag passes the bound. The soak
+then runs at ``--rate``, or with ``--rate 0`` at the capacity found.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -418,7 +421,10 @@ def _measure(args, rate, seconds, reconcile, broker, server, supervisor, client,
         last = accepted
         print(json.dumps(samples[-1]), flush=True)
         supervisor.check()
+        if not reconcile and not lag_within(samples[1:], rate * args.bound_s):
+            load.terminate()  # a capacity trial has failed once a lag passes the bound
     load.join()
+    seconds = min(seconds, time.monotonic() - started)
     probe.stop.set()  # its impressions would keep the model changing while it drains
     drained = drain(metrics_ports, store, timeout=WINDOW_S + LATENESS_S + 120)
     freshness.stop.set()
@@ -493,6 +499,12 @@ def read_topic(bootstrap: str, topic: str) -> list[bytes]:
     return values
 
 
+def lag_within(samples: list[dict[str, Any]], bound: float) -> bool:
+    """Whether every consumer's lag stayed at or below ``bound`` records in ``samples``
+    (a consumer without a lag owns no partition: it is not keeping up either)."""
+    return all(s["lag"][n] is not None and s["lag"][n] <= bound for s in samples for n in CONSUMERS)
+
+
 def summarize(args, rate, seconds, samples, freshness, probe, counters, drained):
     steady = [s for s in samples if s["t_s"] >= args.warmup_s] or samples
     by_minute: dict[int, dict[str, float]] = {}
@@ -512,7 +524,7 @@ def summarize(args, rate, seconds, samples, freshness, probe, counters, drained)
         "rate_achieved": round(counters[0] / seconds, 1),
         "lag_max_by_minute": [by_minute[m] for m in sorted(by_minute)],
         "lag_bound_records": bound,
-        "lag_bounded": all((s["lag"][n] or 0) <= bound for s in samples[1:] for n in CONSUMERS),
+        "lag_bounded": lag_within(samples[1:], bound),
         "drain": drained,
         "rss_slope_mb_per_min": {name: slope_mb_per_min(steady, name) for name in names},
         "rss_mb_first_last": {
@@ -547,10 +559,40 @@ def summarize(args, rate, seconds, samples, freshness, probe, counters, drained)
     }
 
 
+def held(trial: dict[str, Any]) -> bool:
+    """A trial held if the gateway took the whole offered rate and every lag stayed bounded."""
+    return trial["lag_bounded"] and trial["rate_achieved"] >= 0.98 * trial["rate_offered"]
+
+
+def capacity(args: argparse.Namespace, rates: list[float]) -> dict[str, Any]:
+    """Run the stack afresh at each rate; rising rates stop at the first that does not
+    hold, falling ones at the first that does (a failing trial stops at the bound)."""
+    trials = []
+    rising = rates == sorted(rates)
+    for rate in rates:
+        trial = run(args, rate, args.capacity_seconds, reconcile=False)
+        trials.append({k: v for k, v in trial.items() if k != "samples"})
+        print(json.dumps(trials[-1]), flush=True)
+        if held(trial) != rising:
+            break
+    passed = [t["rate_offered"] for t in trials if held(t)]
+    return {
+        "definition": f"highest offered rate that the gateway took in full and at which "
+        f"every consumer's lag stayed below {args.bound_s:g} s of input for "
+        f"{args.capacity_seconds:g} s",
+        "events_per_s": max(passed) if passed else None,
+        "trials": trials,
+    }
+
+
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C, so the stack (broker, Redis, services) is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=600.0)
-    parser.add_argument("--rate", type=float, default=5000.0, help="events/s offered")
+    parser.add_argument(
+        "--rate", type=float, default=5000.0, help="events/s offered (0: the capacity found)"
+    )
     parser.add_argument("--slate", type=int, default=2)
     parser.add_argument("--click-p", type=float, default=0.15, help="click chance per item")
     parser.add_argument("--sample-s", type=float, default=10.0)
@@ -577,30 +619,13 @@ def main() -> None:
             "lag_bound_s": args.bound_s,
         },
     }
-    if args.seconds > 0:
-        result["soak"] = run(args, args.rate, args.seconds, reconcile=True)
-        print(json.dumps({k: v for k, v in result["soak"].items() if k != "samples"}, indent=2))
     rates = [float(r) for r in args.capacity.split(",") if r]
     if rates:
-        trials = []
-        for rate in rates:
-            trial = run(args, rate, args.capacity_seconds, reconcile=False)
-            trials.append({k: v for k, v in trial.items() if k != "samples"})
-            print(json.dumps(trials[-1]), flush=True)
-            if not (trial["lag_bounded"] and trial["rate_achieved"] >= 0.98 * rate):
-                break
-        held = [
-            t["rate_offered"]
-            for t in trials
-            if t["lag_bounded"] and t["rate_achieved"] >= 0.98 * t["rate_offered"]
-        ]
-        result["capacity"] = {
-            "definition": f"highest offered rate that the gateway took in full and at which "
-            f"every consumer's lag stayed below {args.bound_s:g} s of input for "
-            f"{args.capacity_seconds:g} s",
-            "events_per_s": max(held) if held else None,
-            "trials": trials,
-        }
+        result["capacity"] = capacity(args, rates)
+    rate = args.rate if args.rate > 0 else result.get("capacity", {}).get("events_per_s")
+    if args.seconds > 0 and rate:
+        result["soak"] = run(args, rate, args.seconds, reconcile=True)
+        print(json.dumps({k: v for k, v in result["soak"].items() if k != "samples"}, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -189,6 +189,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         self.runtime._on_revoked(revoked)
+        self.runtime._hold_rejoin()
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self.runtime._on_assigned(assigned)
@@ -527,7 +528,9 @@ class ConsumerRuntime:
         assert self._producer_client is not None
         deadline = time.monotonic() + self.kafka.delivery_timeout_ms / 1000 + 5
         try:
-            self._producer_client.flush()
+            # Bounded: with the broker gone for good, a batch whose leader is unknown may
+            # never expire on its own, and an unbounded flush would hang the service.
+            self._producer_client.flush(timeout=deadline - time.monotonic())
         except KafkaError as exc:  # each record's own outcome decides, below
             log.warning("flush before checkpoint: %s", exc)
         failed: list[KafkaError] = []
@@ -636,6 +639,21 @@ class ConsumerRuntime:
             self.checkpoint(force=True, partitions=numbers)
         self._drop(numbers)
         log.info("revoked partitions %s", numbers)
+
+    def _hold_rejoin(self) -> None:
+        """Keep the rebalance that is starting wanted until it completes.
+
+        kafka-python (3.0) may start a rebalance because the topic metadata it
+        assigned from changed, without marking a rejoin as needed; as the leader
+        assigns, that mismatch disappears, and if the join had not completed
+        within one ``poll`` the next ``poll`` no longer awaits it: the member
+        keeps no partitions and sends no heartbeats, and the broker drops it from
+        the group for good. Requesting the rejoin here (every rebalance notifies
+        the listener first) keeps ``poll`` driving the join until it completes.
+        """
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is not None:
+            coordinator.request_rejoin()
 
     def _drop(self, numbers: Sequence[int]) -> None:
         for number in numbers:

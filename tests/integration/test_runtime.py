@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -322,6 +323,98 @@ def test_output_kafka_did_not_acknowledge_is_never_checkpointed_past(
     offsets = sorted(int(dict(r.headers)["streamrec-dlq-offset"]) for r in consumer)
     consumer.close()
     assert offsets == [0, 4, 8, 12, 16], "every dead letter arrived once the topic was fixed"
+
+
+def test_output_pending_when_the_broker_dies_for_good_fails_the_checkpoint_within_the_bound(
+    redis_url, redis_client, keyspace, unique_name, tmp_path
+):
+    """The processor emits after the broker was SIGKILLed for good. The checkpoint must
+    neither hang on that output (a batch whose leader is gone may never expire inside
+    kafka-python, so an unbounded flush never returns) nor record the input behind it:
+    it raises :class:`SendFailed` within the delivery timeout, so the process exits and
+    its supervisor restarts it."""
+    broker = start_broker(tmp_path / "broker")
+    topic, group = unique_name("gone"), unique_name("gone")
+    dlq = f"{topic}-dlq"
+    ensure_topics({"bootstrap_servers": broker.bootstrap}, {topic: 1, dlq: 1})
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    for i in range(20):
+        producer.send(topic, value=b"not json" if i % 2 else _click(i))
+    producer.flush()
+    producer.close()
+    runtime = ConsumerRuntime(
+        service="tally",
+        group=group,
+        inputs={topic: decode_click},
+        processor=TallyProcessor(),
+        kafka=KafkaSettings(
+            bootstrap_servers=broker.bootstrap,
+            delivery_timeout_ms=3000,
+            request_timeout_ms=2000,
+        ),
+        redis_settings=RedisSettings(url=redis_url, namespace=keyspace.namespace),
+        topics=TopicSettings(dead_letter=dlq),
+        settings=RuntimeSettings(checkpoint_interval_s=3600),
+        registry=CollectorRegistry(),
+    )
+    outcome: list[BaseException | bool] = []
+    try:
+        runtime.open()
+        deadline = time.monotonic() + 60
+        while runtime.processor.tally.get(0, [0])[0] < 10 and time.monotonic() < deadline:
+            runtime.poll_once()
+        broker.kill_node(0)
+        runtime.ctx.emit(dlq, b"late", key=None, source_partition=0)
+
+        def checkpoint() -> None:
+            try:
+                outcome.append(runtime.checkpoint(force=True))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        worker = threading.Thread(target=checkpoint, daemon=True)
+        started = time.monotonic()
+        worker.start()
+        worker.join(60)
+        assert not worker.is_alive(), "the checkpoint hung on output the broker never took"
+        assert time.monotonic() - started < 3 + 5 + 5  # delivery timeout + margin + slack
+        assert len(outcome) == 1 and isinstance(outcome[0], SendFailed), outcome
+        assert CheckpointStore(redis_client, keyspace, group).load([0]) == {}
+    finally:
+        runtime._failed = True  # what run() sets when the loop raised: no checkpoint on close
+        broker.stop()
+
+
+def test_a_rebalance_slower_than_one_poll_still_completes_and_keeps_the_partitions(
+    kafka_bootstrap, redis_url, keyspace, unique_name
+):
+    """Every group rebalances once right after its first join (the leader's topic
+    metadata changes). With polls far shorter than a join round trip, as on a busy
+    machine, kafka-python 3.0 used to stop awaiting that join: the member kept no
+    partitions, sent no heartbeats and was dropped from the group for good (3 of 4
+    groups on this machine). Each group here must end owning every partition."""
+    owned = []
+    for trial in range(3):
+        topic = unique_name("slowjoin")
+        ensure_topics({"bootstrap_servers": kafka_bootstrap}, {topic: 4, f"{topic}-dlq": 1})
+        runtime = tally_runtime(
+            topic,
+            unique_name("slowjoin"),
+            TallyProcessor(),
+            redis_settings=RedisSettings(url=redis_url, namespace=f"{keyspace.namespace}{trial}"),
+            settings=RuntimeSettings(poll_timeout_ms=1),
+            registry=CollectorRegistry(),
+            bootstrap=kafka_bootstrap,
+        )
+        runtime.open()
+        try:
+            end = time.monotonic() + 10  # past the 3 s session of a member that stopped
+            while time.monotonic() < end:
+                runtime.poll_once()
+            owned.append(sorted(runtime._owned))
+        finally:
+            runtime.close()
+    assert owned == [[0, 1, 2, 3]] * 3
 
 
 def test_records_deleted_before_they_were_read_are_counted_and_skipped_on_the_real_broker(
