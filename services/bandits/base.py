@@ -4,7 +4,7 @@ A learner is a pure function of the feedback it has seen: arrays in, arrays out,
 batch first. ``score`` rates candidate rows, ``select`` picks the best rows with
 random tie-breaking, ``update`` folds in rewards. ``state`` exports additive
 sufficient statistics (plus hyperparameters) as named float64/int64 arrays, so
-per-partition states can be summed by ``merge`` (DESIGN.md §6) and published to
+per-partition states can be summed by ``merge`` (docs/decisions.md §7) and published to
 the parameter store without pickle.
 
 The random generator is not part of the state: it is no sufficient statistic

@@ -1,7 +1,7 @@
 """``streamrec run bandits``: feedback in, versioned bandit parameters out.
 
 Each configured policy (e.g. ``linucb``, ``ts``) is a learner. Its statistics are
-kept per Kafka partition of ``feedback`` (DESIGN.md §6): the process that owns a
+kept per Kafka partition of ``feedback`` (docs/decisions.md §7): the process that owns a
 partition updates that partition's learners, checkpoints them with the offsets,
 and then publishes them to the parameter store as the part ``p<partition>`` of
 the policy's model. Readers sum the parts, so one process or eight publish the

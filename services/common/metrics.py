@@ -1,7 +1,8 @@
 """Prometheus metrics of the consumer runtime, registered in an injected registry.
 
-Names follow DESIGN.md §8: ``streamrec_<service>_<what>_<unit>``; the runtime's
-series are shared by every service and carry a ``service`` label.
+Names follow ``streamrec_<area>_<what>[_<unit>]`` (docs/operations.md, "What each
+panel means"); the runtime's series are shared by every service and carry a
+``service`` label.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ evaluation (:mod:`services.evaluation.drn`) runs exactly the same update logic:
   identical to the original run.
 
 **One process.** DRN's weights are one global model, not additive per-partition
-statistics (DESIGN.md §6), so the service runs as one process that owns every
+statistics (docs/decisions.md §7, §12), so the service runs as one process that owns every
 partition of ``feedback``. The processor sets ``checkpoint_all_owned``: every
 checkpoint writes all partitions' offsets in one transaction, and the whole
 DRN state (learner with replay buffer and Adam moments, open and pending

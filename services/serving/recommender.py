@@ -1,6 +1,6 @@
 """The serving library: one user in, one logged slate out.
 
-:meth:`Recommender.recommend` runs the request path of DESIGN.md §1:
+:meth:`Recommender.recommend` runs the request path:
 
 1. **history**: the user's latest clicks (the sequences service's Redis state);
 2. **candidates**: the user vector is the mean of the (L2-normalised) index
