@@ -53,19 +53,13 @@ from services.bandits.features import feature_dim, policy_features, shared_dim
 from services.bandits.registry import LEARNERS, make_learner
 from services.common import (
     Checkpoint,
-    ConsumerRuntime,
     Context,
-    KafkaSettings,
     Processor,
     Record,
-    RedisSettings,
     Rejection,
-    RuntimeSettings,
-    TopicSettings,
-    clients,
 )
 from services.common.clients import REDIS_ERRORS
-from services.common.process import run_consumer_service
+from services.common.service import ServiceSpec, Wiring, run_service
 from services.paramstore import ParamStore, StalePublish
 
 log = logging.getLogger(__name__)
@@ -448,35 +442,26 @@ class BanditsProcessor(Processor):
                 return  # every part is owned elsewhere now; the store counted and logged it
 
 
-def build_runtime(
-    registry: CollectorRegistry, settings: BanditsSettings | None = None
-) -> ConsumerRuntime:
-    settings = settings or BanditsSettings()
-    redis_settings = RedisSettings()
-    topics = TopicSettings()
-    store = ParamStore(
-        clients.redis_client(redis_settings), keys=redis_settings.keys(), registry=registry
-    )
+def _processor(wiring: Wiring[BanditsSettings]) -> BanditsProcessor:
+    settings = wiring.settings
+    store = ParamStore(wiring.redis_client(), keys=wiring.redis.keys(), registry=wiring.registry)
     catalog = CatalogLabels(
-        clients.redis_client(redis_settings),
-        redis_settings.keys(),
-        refresh_s=settings.catalog_refresh_s,
+        wiring.redis_client(), wiring.redis.keys(), refresh_s=settings.catalog_refresh_s
     )
-    return ConsumerRuntime(
-        service="bandits",
-        group=settings.group,
-        inputs={topics.feedback: decode_feedback},
-        processor=BanditsProcessor(settings, store, registry, catalog),
-        kafka=KafkaSettings(),
-        redis_settings=redis_settings,
-        topics=topics,
-        settings=RuntimeSettings(checkpoint_interval_s=settings.publish_interval_s),
-        registry=registry,
-    )
+    return BanditsProcessor(settings, store, wiring.registry, catalog)
+
+
+SPEC = ServiceSpec(
+    name="bandits",
+    settings=BanditsSettings,
+    inputs=lambda topics: {topics.feedback: decode_feedback},
+    make_processor=_processor,
+    runtime_defaults=lambda settings: {"checkpoint_interval_s": settings.publish_interval_s},
+)
 
 
 def main() -> int:
-    return run_consumer_service("bandits", build_runtime)
+    return run_service(SPEC)
 
 
 if __name__ == "__main__":

@@ -182,6 +182,9 @@ class Processor(ABC):
         """
         return True
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the processor holds (threads, files) when its process stops."""
+
 
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, runtime: ConsumerRuntime) -> None:

@@ -74,18 +74,12 @@ from contracts.events import Feedback, decode_feedback
 from contracts.params import decode_params, encode_params
 from services.common import (
     Checkpoint,
-    ConsumerRuntime,
     Context,
-    KafkaSettings,
     Processor,
     Record,
-    RedisSettings,
     Rejection,
-    RuntimeSettings,
-    TopicSettings,
-    clients,
 )
-from services.common.process import run_consumer_service
+from services.common.service import ServiceSpec, Wiring, run_service
 from services.drn.features import FeatureLayout
 from services.drn.interleaving import EXPLOIT, EXPLORE, Winner, credit
 from services.drn.learner import DRNLearner
@@ -829,33 +823,24 @@ class DRNProcessor(Processor):
         self.metrics.published.set(self.published_version)
 
 
-def build_runtime(
-    registry: CollectorRegistry, settings: DRNSettings | None = None
-) -> ConsumerRuntime:
-    """The DRN service's consumer runtime, from the environment's settings."""
-    settings = settings or DRNSettings()
-    redis_settings = RedisSettings()
-    topics = TopicSettings()
-    store = ParamStore(
-        clients.redis_client(redis_settings), keys=redis_settings.keys(), registry=registry
-    )
-    return ConsumerRuntime(
-        service="drn",
-        group=settings.group,
-        inputs={topics.feedback: decode_feedback},
-        processor=DRNProcessor(settings, store, registry),
-        kafka=KafkaSettings(),
-        redis_settings=redis_settings,
-        topics=topics,
-        settings=RuntimeSettings(checkpoint_interval_s=settings.publish_interval_s),
-        registry=registry,
-    )
+def _processor(wiring: Wiring[DRNSettings]) -> DRNProcessor:
+    store = ParamStore(wiring.redis_client(), keys=wiring.redis.keys(), registry=wiring.registry)
+    return DRNProcessor(wiring.settings, store, wiring.registry)
+
+
+SPEC = ServiceSpec(
+    name="drn",
+    settings=DRNSettings,
+    inputs=lambda topics: {topics.feedback: decode_feedback},
+    make_processor=_processor,
+    runtime_defaults=lambda settings: {"checkpoint_interval_s": settings.publish_interval_s},
+)
 
 
 def main() -> int:
     # Small networks: one thread avoids oversubscribing the cores other services use.
     torch.set_num_threads(1)
-    return run_consumer_service("drn", build_runtime)
+    return run_service(SPEC)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ from typing import Literal
 
 import numpy as np
 import redis
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,18 +83,12 @@ from contracts.keys import KeySpace
 from contracts.params import decode_params, encode_params
 from services.common import (
     Checkpoint,
-    ConsumerRuntime,
     Context,
-    KafkaSettings,
     Processor,
     Record,
-    RedisSettings,
     Rejection,
-    RuntimeSettings,
-    TopicSettings,
-    clients,
 )
-from services.common.process import run_consumer_service
+from services.common.service import ServiceSpec, Wiring, run_service
 from services.embeddings.item2vec import Item2Vec
 from services.index import IndexSpec, SnapshotStore, build_index, publish, read_pointer
 from services.serving.candidates import write_ranked
@@ -543,57 +538,33 @@ class EmbeddingsProcessor(Processor):
             self.publisher.close()
 
 
-def build_runtime(
-    registry: CollectorRegistry,
-    settings: EmbeddingsSettings | None = None,
-    *,
-    kafka: KafkaSettings | None = None,
-    redis_settings: RedisSettings | None = None,
-    topics: TopicSettings | None = None,
-) -> ConsumerRuntime:
-    """The embeddings consumer; settings not given are read from the environment."""
-    settings = settings or EmbeddingsSettings()
-    redis_settings = redis_settings or RedisSettings()
-    topics = topics or TopicSettings()
+def _processor(wiring: Wiring[EmbeddingsSettings]) -> EmbeddingsProcessor:
+    settings = wiring.settings
     publisher = SnapshotPublisher(
-        client=clients.redis_client(redis_settings),
-        keys=redis_settings.keys(),
+        client=wiring.redis_client(),
+        keys=wiring.redis.keys(),
         store=SnapshotStore(settings.snapshot_dir, keep=settings.keep_snapshots),
         index_name=settings.index_name,
         spec=IndexSpec(kind=settings.index_kind),
-        metrics=EmbeddingsMetrics(registry),
+        metrics=EmbeddingsMetrics(wiring.registry),
         retry_interval_s=settings.publish_interval_s,
     )
-    return ConsumerRuntime(
-        service=SERVICE,
-        group=settings.group,
-        inputs={topics.clicks: decode_click},
-        processor=EmbeddingsProcessor(settings, publisher),
-        kafka=kafka or KafkaSettings(),
-        redis_settings=redis_settings,
-        topics=topics,
-        settings=RuntimeSettings(checkpoint_interval_s=settings.publish_interval_s),
-        registry=registry,
-    )
+    return EmbeddingsProcessor(settings, publisher)
+
+
+SPEC = ServiceSpec(
+    name=SERVICE,
+    settings=EmbeddingsSettings,
+    inputs=lambda topics: {topics.clicks: decode_click},
+    make_processor=_processor,
+    runtime_defaults=lambda settings: {"checkpoint_interval_s": settings.publish_interval_s},
+)
 
 
 def main() -> int:
     """Run the embeddings service until SIGTERM; the last snapshot is published before exit."""
-    import torch
-
     torch.set_num_threads(1)
-    settings = EmbeddingsSettings()
-    built: list[ConsumerRuntime] = []
-
-    def build(registry: CollectorRegistry) -> ConsumerRuntime:
-        built.append(build_runtime(registry, settings))
-        return built[0]
-
-    try:
-        return run_consumer_service(SERVICE, build)
-    finally:
-        for runtime in built:
-            runtime.processor.close()  # type: ignore[attr-defined]
+    return run_service(SPEC)
 
 
 if __name__ == "__main__":

@@ -49,16 +49,13 @@ from services.common import (
     Checkpoint,
     ConsumerRuntime,
     Context,
-    KafkaSettings,
     Processor,
     Record,
-    RedisSettings,
     Rejection,
-    RuntimeSettings,
     TopicSettings,
 )
 from services.common.errors import StreamrecError
-from services.common.process import run_consumer_service
+from services.common.service import ServiceSpec, run_service
 from services.joiner.clock import LogClock
 from services.joiner.join import (
     DEFAULT_MAX_OPEN_PER_USER,
@@ -422,30 +419,21 @@ class JoinerRuntime(ConsumerRuntime):
             raise
 
 
-def build_runtime(
-    registry: CollectorRegistry,
-    settings: JoinerSettings | None = None,
-    runtime: RuntimeSettings | None = None,
-    topics: TopicSettings | None = None,
-) -> ConsumerRuntime:
-    settings = settings or JoinerSettings()
-    topics = topics or TopicSettings()
-    return JoinerRuntime(
-        service="joiner",
-        group=settings.group,
-        inputs={topics.impressions: decode_impression, topics.clicks: decode_click},
-        processor=JoinProcessor(settings, topics, registry),
-        # Small fetches make each poll carry both topics of a partition.
-        kafka=KafkaSettings(max_partition_fetch_bytes=settings.max_partition_fetch_bytes),
-        redis_settings=RedisSettings(),
-        topics=topics,
-        settings=runtime,
-        registry=registry,
-    )
+SPEC = ServiceSpec(
+    name="joiner",
+    settings=JoinerSettings,
+    inputs=lambda topics: {topics.impressions: decode_impression, topics.clicks: decode_click},
+    make_processor=lambda wiring: JoinProcessor(wiring.settings, wiring.topics, wiring.registry),
+    # Small fetches make each poll carry both topics of a partition.
+    kafka_defaults=lambda settings: {
+        "max_partition_fetch_bytes": settings.max_partition_fetch_bytes
+    },
+    runtime_class=JoinerRuntime,
+)
 
 
 def main() -> int:
-    return run_consumer_service("joiner", build_runtime)
+    return run_service(SPEC)
 
 
 if __name__ == "__main__":

@@ -29,19 +29,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from contracts.events import EventError, check_clock, decode_click
 from services.common import (
     Checkpoint,
-    ConsumerRuntime,
     Context,
-    KafkaSettings,
     Processor,
     Record,
-    RedisSettings,
     Rejection,
-    RuntimeSettings,
-    TopicSettings,
-    clients,
 )
 from services.common.clients import REDIS_ERRORS
-from services.common.process import run_consumer_service
+from services.common.service import ServiceSpec, Wiring, run_service
 from services.sequences.store import DEFAULT_MAX_LEN, DEFAULT_TTL_S, AppendStats, SequenceStore
 
 log = logging.getLogger(__name__)
@@ -159,42 +153,33 @@ class SequencesProcessor(Processor):
         """Nothing to drop: the state is in Redis, keyed by user."""
 
 
-def build_runtime(
-    registry: CollectorRegistry, settings: SequencesSettings | None = None
-) -> ConsumerRuntime:
-    """The sequences consumer, configured from the environment."""
-    settings = settings or SequencesSettings()
-    redis_settings = RedisSettings()
-    topics = TopicSettings()
+def _processor(wiring: Wiring[SequencesSettings]) -> SequencesProcessor:
+    settings = wiring.settings
     store = SequenceStore(
-        clients.redis_client(redis_settings),
-        keys=redis_settings.keys(),
+        wiring.redis_client(),
+        keys=wiring.redis.keys(),
         max_len=settings.max_len,
         ttl_s=settings.ttl_s,
     )
-    processor = SequencesProcessor(
+    return SequencesProcessor(
         store,
         retries=settings.redis_retries,
         backoff_s=settings.retry_backoff_s,
-        metrics=SequencesMetrics(registry),
+        metrics=SequencesMetrics(wiring.registry),
     )
-    return ConsumerRuntime(
-        service=SERVICE,
-        group=settings.group,
-        inputs={topics.clicks: decode_click},
-        processor=processor,
-        kafka=KafkaSettings(),
-        redis_settings=redis_settings,
-        topics=topics,
-        settings=RuntimeSettings(),
-        registry=registry,
-    )
+
+
+SPEC = ServiceSpec(
+    name=SERVICE,
+    settings=SequencesSettings,
+    inputs=lambda topics: {topics.clicks: decode_click},
+    make_processor=_processor,
+)
 
 
 def main() -> int:
     """Run the sequences service until SIGTERM."""
-    settings = SequencesSettings()
-    return run_consumer_service(SERVICE, lambda registry: build_runtime(registry, settings))
+    return run_service(SPEC)
 
 
 if __name__ == "__main__":

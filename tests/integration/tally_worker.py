@@ -28,7 +28,7 @@ from services.common import (
     RuntimeSettings,
     TopicSettings,
 )
-from services.common.process import run_consumer_service
+from services.common.service import run_runtime
 from tests.integration.processes import FAST_FAILOVER_SETTINGS
 
 TALLY = struct.Struct("<qq")
@@ -91,7 +91,7 @@ def tally_runtime(
 
 def main() -> int:
     topic, group, namespace = sys.argv[1:4]
-    return run_consumer_service(
+    return run_runtime(
         "tally",
         lambda registry: tally_runtime(
             topic,

@@ -19,8 +19,9 @@ from contracts.events import Click, encode
 from contracts.keys import KeySpace
 from contracts.params import decode_params
 from services.common.runtime import ConsumerRuntime
+from services.common.service import build_runtime
 from services.common.settings import KafkaSettings, RedisSettings, TopicSettings
-from services.embeddings.service import EmbeddingsSettings, ItemStats, build_runtime
+from services.embeddings.service import SPEC, EmbeddingsSettings, ItemStats
 from services.index import ReloadableIndex, read_pointer
 from services.simulator import World, WorldConfig
 from tests.integration.processes import ServiceProcess
@@ -99,6 +100,7 @@ def test_publishes_snapshots_whose_index_answers_and_resumes_after_restart(
     def start() -> Running:
         return Running(
             build_runtime(
+                SPEC,
                 CollectorRegistry(),
                 settings,
                 kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),
@@ -286,6 +288,7 @@ def test_a_flood_of_distinct_items_keeps_the_snapshot_and_the_lists_bounded_and_
     registry = CollectorRegistry()
     running = Running(
         build_runtime(
+            SPEC,
             registry,
             settings,
             kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap),

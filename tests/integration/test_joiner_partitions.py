@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.common import TopicSettings
-from services.joiner.service import JoinerSettings, PartitionMismatch, build_runtime
+from services.common.service import build_runtime
+from services.joiner.service import SPEC, JoinerSettings, PartitionMismatch
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +38,7 @@ def test_the_joiner_refuses_to_start_on_4_impression_and_2_click_partitions(
 ):
     topics = _topics(topic_factory, impressions=4, clicks=2)
     runtime = build_runtime(
-        CollectorRegistry(), JoinerSettings(group=unique_name("joiner")), topics=topics
+        SPEC, CollectorRegistry(), JoinerSettings(group=unique_name("joiner")), topics=topics
     )
     with pytest.raises(PartitionMismatch, match=r"\(4 partitions\) .* \(2 partitions\)"):
         runtime.run()
@@ -48,7 +49,7 @@ def test_the_joiner_refuses_to_start_on_4_impression_and_2_click_partitions(
 def test_the_joiner_starts_on_co_partitioned_inputs(environment, topic_factory, unique_name):
     topics = _topics(topic_factory, impressions=2, clicks=2)
     runtime = build_runtime(
-        CollectorRegistry(), JoinerSettings(group=unique_name("joiner")), topics=topics
+        SPEC, CollectorRegistry(), JoinerSettings(group=unique_name("joiner")), topics=topics
     )
     runtime.open()
     try:
