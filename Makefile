@@ -44,11 +44,13 @@ demo: $(STAMP) $(KAFKA_STAMP) ## run the whole system on the embedded stack for 
 test: $(STAMP) $(KAFKA_STAMP) ## the whole suite: unit, doctests and integration tests on real Kafka/Redis
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP) ## unit tests and doctests only (no broker, no Redis)
-	$(PY) -m pytest -q -m "not integration" tests/unit services contracts
+test-fast: $(STAMP) ## unit tests and doctests only (no broker, no Redis, nothing slow)
+	$(PY) -m pytest -q -m "not integration and not slow" tests/unit services contracts
 
-lint: $(STAMP) ## ruff, and mypy on the contracts and learners
+lint: $(STAMP) ## ruff (lint and format), the package layers, mypy on the contracts and learners
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) scripts/check_layers.py
 	$(VENV)/bin/mypy
 
 schemas: $(STAMP) ## regenerate contracts/schemas/*.json from the event types

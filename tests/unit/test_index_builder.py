@@ -49,7 +49,7 @@ def exact_neighbours(metric: str, vectors: np.ndarray, queries: np.ndarray) -> n
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
-@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", pytest.param("ivfpq", marks=pytest.mark.slow)])
 def test_recall_against_exact_search(
     kind: str, metric: str, catalog: tuple[np.ndarray, np.ndarray]
 ) -> None:
