@@ -20,7 +20,7 @@ The service also keeps each item's popularity (click count decayed with
 half-life ``popularity_half_life_s`` of event time) and first-click time, and
 publishes the top ``popular_n`` and the ``fresh_n`` most recently first-seen
 items (within ``fresh_window_s``) for serving's candidate pools
-(:mod:`services.serving.candidates`).
+(:mod:`services.catalog`).
 
 Checkpoints and publishing: the model is global (one learner process), so the
 processor sets ``checkpoint_all_owned`` and stores everything (Item2Vec state,
@@ -80,6 +80,7 @@ from redis.cluster import RedisCluster
 from contracts.events import Click, decode_click
 from contracts.keys import KeySpace
 from contracts.params import decode_params, encode_params
+from services.catalog import write_ranked
 from services.common import (
     Checkpoint,
     ConsumerRuntime,
@@ -96,7 +97,6 @@ from services.common import (
 from services.common.process import run_consumer_service
 from services.embeddings.item2vec import Item2Vec
 from services.index import IndexSpec, SnapshotStore, build_index, publish, read_pointer
-from services.serving.candidates import write_ranked
 
 log = logging.getLogger(__name__)
 

@@ -54,11 +54,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from contracts.events import MAX_SLATE, EventError, Impression, SlateItem
 from contracts.ids import item_labels
+from services.catalog import CandidateLists
 from services.common.clients import REDIS_ERRORS
 from services.common.metrics import LATENCY_BUCKETS
 from services.index import IndexNotReady, LoadedIndex, ReloadableIndex
 from services.sequences import SequenceEntry
-from services.serving.candidates import CandidateLists
 from services.serving.policies import PolicyRouter, RankedSlate, RankingPolicy, RankRequest
 
 log = logging.getLogger(__name__)
