@@ -61,6 +61,7 @@ from contracts.events import (
     encode,
     split_batch,
 )
+from services.common import logs
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.settings import KafkaSettings, TopicSettings
 from services.gateway.sdk import (
@@ -310,8 +311,6 @@ def gateway_producer(
 def serve(settings: GatewaySettings | None = None) -> int:
     """Run the gateway with uvicorn until SIGTERM."""
     import uvicorn
-
-    from services.common import logs
 
     logs.configure("gateway")
     settings = settings or GatewaySettings()
