@@ -51,6 +51,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from contracts.errors import StreamrecError
 from contracts.events import (
     Click,
     EventError,
@@ -112,7 +113,7 @@ class GatewaySettings(BaseSettings):
     a batch is let through to probe a Kafka that was failing."""
 
 
-class _BodyTooLarge(Exception):
+class _BodyTooLarge(StreamrecError):
     pass
 
 

@@ -44,6 +44,7 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.cluster import RedisCluster
 
+from contracts.errors import StreamrecError
 from services.common.clients import REDIS_ERRORS
 from services.index.snapshot import (
     DEFAULT_MAX_SNAPSHOT_BYTES,
@@ -56,7 +57,7 @@ from services.index.snapshot import (
 log = logging.getLogger(__name__)
 
 
-class IndexNotReady(RuntimeError):
+class IndexNotReady(StreamrecError, RuntimeError):
     """No snapshot has been loaded yet (nothing published, or every one refused)."""
 
 

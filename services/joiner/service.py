@@ -44,6 +44,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.control import decode_watermark, encode_watermark
+from contracts.errors import StreamrecError
 from contracts.events import Feedback, decode_click, decode_impression, encode
 from services.common import (
     Checkpoint,
@@ -57,7 +58,6 @@ from services.common import (
     RuntimeSettings,
     TopicSettings,
 )
-from services.common.errors import StreamrecError
 from services.common.process import run_consumer_service
 from services.joiner.clock import LogClock
 from services.joiner.join import (

@@ -52,6 +52,7 @@ import numpy as np
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from contracts.errors import StreamrecError
 from contracts.events import MAX_SLATE, EventError, Impression, SlateItem
 from contracts.ids import item_labels
 from services.catalog import CandidateLists
@@ -69,7 +70,7 @@ _MAX_ID = 128
 _MAX_FEATURE = 1e9
 
 
-class BadRequest(ValueError):
+class BadRequest(StreamrecError, ValueError):
     """Input serving cannot answer; ``reasons`` lists every problem found."""
 
     def __init__(self, reasons: Sequence[str]) -> None:
@@ -77,11 +78,11 @@ class BadRequest(ValueError):
         self.reasons = list(reasons)
 
 
-class NoCandidates(RuntimeError):
+class NoCandidates(StreamrecError, RuntimeError):
     """Nothing to recommend from yet: no index, no popular or fresh items, no catalog."""
 
 
-class ImpressionNotLogged(RuntimeError):
+class ImpressionNotLogged(StreamrecError, RuntimeError):
     """The impression could not be produced (only raised when logging waits for the ack)."""
 
 
