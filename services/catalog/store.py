@@ -204,7 +204,7 @@ class CandidateFeed:
             registry=registry,
         )
         self._errors = Counter(
-            "streamrec_serving_candidate_feed_errors",
+            "streamrec_serving_candidate_feed_errors_total",
             "Failed refreshes of popular/fresh/catalog, by reason (redis, catalog).",
             ["reason"],
             registry=registry,

@@ -160,7 +160,7 @@ class EmbeddingsMetrics:
             "streamrec_embeddings_items", "Items with an embedding.", registry=registry
         )
         self.pairs = Counter(
-            "streamrec_embeddings_pairs",
+            "streamrec_embeddings_pairs_total",
             "Skip-gram (center, context) click pairs trained.",
             registry=registry,
         )
@@ -181,13 +181,13 @@ class EmbeddingsMetrics:
             registry=registry,
         )
         self.publish_failures = Counter(
-            "streamrec_embeddings_publish_failures",
+            "streamrec_embeddings_publish_failures_total",
             "Snapshot builds or publishes that failed (a full snapshot disk, Redis away); "
             "retried every publish interval, or with the next checkpoint, until one succeeds.",
             registry=registry,
         )
         self.evicted = Counter(
-            "streamrec_embeddings_evicted_items",
+            "streamrec_embeddings_evicted_items_total",
             "Items forgotten (least recently clicked first) to keep max_items.",
             registry=registry,
         )

@@ -328,10 +328,10 @@ class ReloadableIndex:
         )
         age.set_function(self._age_seconds)
         self._swaps = Counter(
-            "streamrec_index_swaps", "Index snapshots swapped in.", registry=registry
+            "streamrec_index_swaps_total", "Index snapshots swapped in.", registry=registry
         )
         self._swap_failures = Counter(
-            "streamrec_index_swap_failures",
+            "streamrec_index_swap_failures_total",
             "Index pointers and snapshots refused (malformed pointer, outside the store, "
             "too large, unreadable, checksum mismatch, wrong dimension).",
             registry=registry,

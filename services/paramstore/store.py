@@ -336,7 +336,7 @@ class ParamMetrics:
             registry=registry,
         )
         self.written_bytes = Counter(
-            "streamrec_params_written_bytes",
+            "streamrec_params_written_bytes_total",
             "Bytes of blobs written to Redis; a part published unchanged writes none.",
             ["model"],
             registry=registry,
@@ -366,7 +366,7 @@ class ParamMetrics:
             registry=registry,
         )
         self.fenced = Counter(
-            "streamrec_params_fenced_parts",
+            "streamrec_params_fenced_parts_total",
             "Parts not published because a newer owner had published them (fencing).",
             ["model"],
             registry=registry,
@@ -390,7 +390,7 @@ class ParamMetrics:
             registry=registry,
         )
         self.reader_errors = Counter(
-            "streamrec_params_reader_errors",
+            "streamrec_params_reader_errors_total",
             "Failed refreshes, by reason (redis, corrupt, missing, build).",
             ["model", "reason"],
             registry=registry,

@@ -113,7 +113,7 @@ class ServingMetrics:
             registry=registry,
         )
         self.requests = Counter(
-            "streamrec_serving_requests",
+            "streamrec_serving_requests_total",
             "Recommendation requests by policy and outcome "
             "(ok, cold_start, bad_request, unavailable, error).",
             ["policy", "outcome"],
@@ -134,13 +134,13 @@ class ServingMetrics:
             registry=registry,
         )
         self.impressions = Counter(
-            "streamrec_serving_impressions",
+            "streamrec_serving_impressions_total",
             "Impressions handed to Kafka, by outcome (sent, failed).",
             ["outcome"],
             registry=registry,
         )
         self.degraded = Counter(
-            "streamrec_serving_degraded",
+            "streamrec_serving_degraded_total",
             "Requests answered without a source, by source (history, index; impressions: "
             "the slate was answered but its impression not logged).",
             ["source"],
