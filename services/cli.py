@@ -1,13 +1,17 @@
 """The ``streamrec`` command line.
 
-streamrec up [--kafka HOST:PORT --redis URL] [--no-simulator] [--duration S]
-streamrec down | status
-streamrec run SERVICE            (joiner, bandits, sequences, embeddings, drn, gateway, serving)
-streamrec simulate [--rate R --duration S --via gateway|kafka]
-streamrec evaluate [--policies ... | --replay FILE]
+streamrec up [--run-dir DIR] [--kafka HOST:PORT] [--redis URL] [--partitions N]
+             [--services a,b,...] [--gateway-port PORT]
+             [--simulate [--duration S] [--rate R] [--seed N]]
+streamrec down | status [--run-dir DIR]
+streamrec run SERVICE            (gateway, joiner, bandits, sequences, embeddings, drn, serving)
+streamrec simulate [--gateway URL [--token T]] [--serving URL] [--rate R] [--duration S]
+                   [--seed N] [--epsilon E]
+streamrec evaluate [--policies a,b,... --steps N --seed N --seeds N --scenario S --window W
+                    --out DIR] [--replay FILE | --ips FILE] [--logging-policy P]
+                   [--train-fraction F]
 streamrec topics                 (create the topics on the configured Kafka)
-streamrec schemas [--check]      (write or check contracts/schemas/*.json)
-"""
+streamrec schemas [--check]      (write or check contracts/schemas/*.json)"""
 
 from __future__ import annotations
 
