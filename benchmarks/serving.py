@@ -53,6 +53,7 @@ from contracts.ids import item_labels
 from contracts.keys import KeySpace
 from services.bandits.features import policy_features
 from services.bandits.service import DEFAULT_POLICIES, BanditsSettings, build_learner
+from services.catalog import CandidateLists, ItemCatalog
 from services.common.runtime import Record
 from services.common.settings import KafkaSettings, TopicSettings
 from services.common.topics import ensure_topics
@@ -60,7 +61,6 @@ from services.drn.service import DRNSettings
 from services.gateway.sdk import EventProducer
 from services.index import IndexSpec, ReloadableIndex, SnapshotStore, build_index, publish
 from services.sequences import Sequences, SequenceStore
-from services.serving.candidates import CandidateLists, ItemCatalog
 from services.serving.drn_policy import DRNPolicy
 from services.serving.policies import BanditPolicy, PolicyRouter, RandomPolicy, RankingPolicy
 from services.serving.recommender import (

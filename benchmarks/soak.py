@@ -55,13 +55,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.host import describe_host  # noqa: E402
 from contracts.events import Click, Impression, SlateItem, decode_click, decode_impression  # noqa: E402
+from services.catalog import publish_catalog  # noqa: E402
 from services.common import clients  # noqa: E402
 from services.common.runtime import CONTROL_HEADER  # noqa: E402
 from services.common.settings import KafkaSettings, RedisSettings, TopicSettings  # noqa: E402
 from services.common.topics import create_topics  # noqa: E402
 from services.drn.service import DRNSettings  # noqa: E402
 from services.paramstore import ModelNotFound, ParamStore  # noqa: E402
-from services.serving.candidates import publish_catalog  # noqa: E402
 from services.stack.kafka import start_broker  # noqa: E402
 from services.stack.servers import free_port, start_redis  # noqa: E402
 from services.stack.supervisor import Supervisor  # noqa: E402

@@ -19,6 +19,8 @@ from typing import Annotated, Literal, TypeVar, cast
 
 import msgspec
 
+from contracts.errors import StreamrecError
+
 SCHEMA_VERSION: Literal[1] = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_SLATE = 100
@@ -40,7 +42,7 @@ Version = Annotated[int, msgspec.Meta(ge=0)]
 Team = Literal["exploit", "explore"]
 
 
-class EventError(ValueError):
+class EventError(StreamrecError, ValueError):
     """An event that cannot be accepted; ``reason`` says why in one line."""
 
     def __init__(self, reason: str) -> None:

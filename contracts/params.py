@@ -24,13 +24,15 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from contracts.errors import StreamrecError
+
 MAGIC = b"SRPARAM1"
 _LEN = struct.Struct("<I")
 #: dtypes a parameter array may have, by their little-endian numpy code.
 DTYPES = {"<f4", "<f8", "<i4", "<i8", "|u1", "|b1"}
 
 
-class ParamError(ValueError):
+class ParamError(StreamrecError, ValueError):
     """A parameter blob that is malformed, of an unknown format, or fails its checksum."""
 
 

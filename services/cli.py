@@ -1,13 +1,17 @@
 """The ``streamrec`` command line.
 
-streamrec up [--kafka HOST:PORT --redis URL] [--no-simulator] [--duration S]
-streamrec down | status
-streamrec run SERVICE            (joiner, bandits, sequences, embeddings, drn, gateway, serving)
-streamrec simulate [--rate R --duration S --via gateway|kafka]
-streamrec evaluate [--policies ... | --replay FILE]
+streamrec up [--run-dir DIR] [--kafka HOST:PORT] [--redis URL] [--partitions N]
+             [--services a,b,...] [--gateway-port PORT]
+             [--simulate [--duration S] [--rate R] [--seed N]]
+streamrec down | status [--run-dir DIR]
+streamrec run SERVICE            (gateway, joiner, bandits, sequences, embeddings, drn, serving)
+streamrec simulate [--gateway URL [--token T]] [--serving URL] [--rate R] [--duration S]
+                   [--seed N] [--epsilon E]
+streamrec evaluate [--policies a,b,... --steps N --seed N --seeds N --scenario S --window W
+                    --out DIR] [--replay FILE | --ips FILE] [--logging-policy P]
+                   [--train-fraction F]
 streamrec topics                 (create the topics on the configured Kafka)
-streamrec schemas [--check]      (write or check contracts/schemas/*.json)
-"""
+streamrec schemas [--check]      (write or check contracts/schemas/*.json)"""
 
 from __future__ import annotations
 
@@ -16,26 +20,13 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-#: Consumer services and where their ``main() -> int`` lives.
-SERVICES = {
-    "gateway": "services.gateway.app:serve",
-    "joiner": "services.joiner.service:main",
-    "bandits": "services.bandits.service:main",
-    "sequences": "services.sequences.service:main",
-    "embeddings": "services.embeddings.service:main",
-    "drn": "services.drn.service:main",
-    "serving": "services.serving.api:main",
-}
-
-
-def available_services() -> list[str]:
-    """Services whose module is installed in this build."""
-    found = []
-    for name, target in SERVICES.items():
-        module = target.split(":")[0]
-        if importlib.util.find_spec(module) is not None:
-            found.append(name)
-    return found
+from contracts.jsonschema import check_schemas, write_schemas
+from services.apps import SERVICES, available_services
+from services.common.settings import KafkaSettings, TopicSettings
+from services.common.topics import create_topics
+from services.evaluation import command as evaluate_command
+from services.simulator import command as simulate_command
+from services.stack import command as stack_command
 
 
 def _load(target: str):  # type: ignore[no-untyped-def]
@@ -54,9 +45,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_topics(args: argparse.Namespace) -> int:
-    from services.common.settings import KafkaSettings, TopicSettings
-    from services.common.topics import create_topics
-
     topics = TopicSettings()
     create_topics(KafkaSettings(), topics)
     print("topics ready:", ", ".join(sorted(topics.all())))
@@ -64,8 +52,6 @@ def _cmd_topics(args: argparse.Namespace) -> int:
 
 
 def _cmd_schemas(args: argparse.Namespace) -> int:
-    from contracts.jsonschema import check_schemas, write_schemas
-
     if args.check:
         stale = check_schemas()
         for name in stale:
@@ -90,10 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     schemas = commands.add_parser("schemas", help="write (or --check) the JSON Schema files")
     schemas.add_argument("--check", action="store_true", help="exit 1 if any file is stale")
     schemas.set_defaults(func=_cmd_schemas)
-
-    from services.evaluation import command as evaluate_command
-    from services.simulator import command as simulate_command
-    from services.stack import command as stack_command
 
     for name, add, func in (
         ("up", stack_command.add_up_arguments, stack_command.up),

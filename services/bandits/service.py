@@ -187,7 +187,7 @@ class CatalogLabels:
     """Labels of the items in the published catalog, re-read when the catalog changes.
 
     The catalog is serving's ``catalog_features`` hash (written by
-    :func:`services.serving.candidates.publish_catalog`). It is checked on the
+    :func:`services.catalog.publish_catalog`). It is checked on the
     consumer thread at most every ``refresh_s``: one GET of its version, and
     HKEYS only when the version moved. If Redis fails, the labels read last keep
     serving: the catalog only orders eviction, so a stale one costs little.

@@ -26,6 +26,7 @@ import msgspec
 import redis
 from redis.cluster import RedisCluster
 
+from contracts.errors import StreamrecError
 from contracts.keys import KeySpace
 
 _json = msgspec.json.Encoder()
@@ -69,7 +70,7 @@ return fenced
 """
 
 
-class Fenced(RuntimeError):
+class Fenced(StreamrecError, RuntimeError):
     """Another process claimed these partitions since this one did; nothing was written."""
 
     def __init__(self, partitions: list[int]) -> None:

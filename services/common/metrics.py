@@ -1,8 +1,9 @@
 """Prometheus metrics of the consumer runtime, registered in an injected registry.
 
 Names follow ``streamrec_<area>_<what>[_<unit>]`` (docs/operations.md, "What each
-panel means"); the runtime's series are shared by every service and carry a
-``service`` label.
+panel means"), counters declared with their ``_total`` suffix so the declared name
+is the scraped one (tests/unit/test_metric_names.py); the runtime's series are
+shared by every service and carry a ``service`` label.
 """
 
 from __future__ import annotations

@@ -41,10 +41,10 @@ from kafka.producer.future import FutureRecordMetadata
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry
 
+from contracts.errors import StreamrecError
 from contracts.events import EventError
 from services.common import clients
 from services.common.checkpoint import Checkpoint, CheckpointStore, Fenced
-from services.common.errors import StreamrecError
 from services.common.metrics import ConsumerMetrics
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
 

@@ -10,12 +10,13 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from contracts.errors import StreamrecError
 from services.common.settings import KafkaSettings, TopicSettings
 
 log = logging.getLogger(__name__)
 
 
-class TopicError(RuntimeError):
+class TopicError(StreamrecError, RuntimeError):
     """Topics could not be created or are not usable as configured."""
 
 

@@ -20,7 +20,7 @@ The service also keeps each item's popularity (click count decayed with
 half-life ``popularity_half_life_s`` of event time) and first-click time, and
 publishes the top ``popular_n`` and the ``fresh_n`` most recently first-seen
 items (within ``fresh_window_s``) for serving's candidate pools
-(:mod:`services.serving.candidates`).
+(:mod:`services.catalog`).
 
 Checkpoints and publishing: the model is global (one learner process), so the
 processor sets ``checkpoint_all_owned`` and stores everything (Item2Vec state,
@@ -81,6 +81,7 @@ from redis.cluster import RedisCluster
 from contracts.events import Click, decode_click
 from contracts.keys import KeySpace
 from contracts.params import decode_params, encode_params
+from services.catalog import write_ranked
 from services.common import (
     Checkpoint,
     Context,
@@ -91,7 +92,6 @@ from services.common import (
 from services.common.service import ServiceSpec, Wiring, run_service
 from services.embeddings.item2vec import Item2Vec
 from services.index import IndexSpec, SnapshotStore, build_index, publish, read_pointer
-from services.serving.candidates import write_ranked
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class EmbeddingsMetrics:
             "streamrec_embeddings_items", "Items with an embedding.", registry=registry
         )
         self.pairs = Counter(
-            "streamrec_embeddings_pairs",
+            "streamrec_embeddings_pairs_total",
             "Skip-gram (center, context) click pairs trained.",
             registry=registry,
         )
@@ -176,13 +176,13 @@ class EmbeddingsMetrics:
             registry=registry,
         )
         self.publish_failures = Counter(
-            "streamrec_embeddings_publish_failures",
+            "streamrec_embeddings_publish_failures_total",
             "Snapshot builds or publishes that failed (a full snapshot disk, Redis away); "
             "retried every publish interval, or with the next checkpoint, until one succeeds.",
             registry=registry,
         )
         self.evicted = Counter(
-            "streamrec_embeddings_evicted_items",
+            "streamrec_embeddings_evicted_items_total",
             "Items forgotten (least recently clicked first) to keep max_items.",
             registry=registry,
         )

@@ -139,7 +139,7 @@ def _online(args: argparse.Namespace) -> dict[str, Any]:
         print(f"{name:<15} {value:8.4f} {expected[name]:9.4f} {regret[name][-1]:10.1f}")
     print(f"{'best slate':<15} {'':>8} {result.best_ctr():9.4f}")
     if args.out:
-        from services.evaluation.plots import plot_online
+        from services.evaluation.plots import plot_online  # matplotlib start-up cost: only --out
 
         for path in plot_online(result, args.out, window=window):
             print(f"wrote {path}")
@@ -147,7 +147,7 @@ def _online(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _online_seeds(args: argparse.Namespace) -> dict[str, Any]:
-    from services.evaluation.drn import compare
+    from services.evaluation.drn import compare  # torch start-up cost: only DRN or --seeds runs
 
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"{args.scenario} world, seeds {seeds}, {args.steps} requests each")
@@ -180,7 +180,7 @@ def _online_seeds(args: argparse.Namespace) -> dict[str, Any]:
         low, high = rate["ci95"]
         print(f"DBGD: W~ wins {rate['rate']:.3f} of decided slates (95% CI {low:.3f}, {high:.3f})")
     if args.out:
-        from services.evaluation.drn import plot_comparison
+        from services.evaluation.drn import plot_comparison  # torch start-up cost, as above
 
         for path in plot_comparison(report, args.out):
             print(f"wrote {path}")

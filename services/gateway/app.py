@@ -51,6 +51,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from contracts.errors import StreamrecError
 from contracts.events import (
     Click,
     EventError,
@@ -61,6 +62,7 @@ from contracts.events import (
     encode,
     split_batch,
 )
+from services.common import logs
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.settings import KafkaSettings, TopicSettings
 from services.gateway.sdk import (
@@ -111,7 +113,7 @@ class GatewaySettings(BaseSettings):
     a batch is let through to probe a Kafka that was failing."""
 
 
-class _BodyTooLarge(Exception):
+class _BodyTooLarge(StreamrecError):
     pass
 
 
@@ -310,8 +312,6 @@ def gateway_producer(
 def serve(settings: GatewaySettings | None = None) -> int:
     """Run the gateway with uvicorn until SIGTERM."""
     import uvicorn
-
-    from services.common import logs
 
     logs.configure("gateway")
     settings = settings or GatewaySettings()

@@ -34,6 +34,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from kafka.producer.future import FutureRecordMetadata
 
+from contracts.errors import StreamrecError
 from contracts.events import Click, Impression, decode_click, decode_impression, encode
 from services.common import clients
 from services.common.settings import KafkaSettings, TopicSettings
@@ -52,7 +53,7 @@ _CONNECT_ATTEMPT_MS = 5_000
 _CONNECT_BACKOFF_MAX_S = 5.0
 
 
-class KafkaUnavailable(KafkaError):
+class KafkaUnavailable(StreamrecError, KafkaError):
     """Kafka cannot take records now: not connected yet, failing, or the buffer is full.
 
     Retriable: the same records may be sent again later.
@@ -76,7 +77,7 @@ class BatchNotAccepted(KafkaUnavailable):
         self.appended = appended
 
 
-class BatchTooLarge(ValueError):
+class BatchTooLarge(StreamrecError, ValueError):
     """A batch bigger than the whole buffer: it can never be accepted, so it is not retriable."""
 
 

@@ -44,6 +44,7 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.cluster import RedisCluster
 
+from contracts.errors import StreamrecError
 from services.common.clients import REDIS_ERRORS
 from services.index.snapshot import (
     DEFAULT_MAX_SNAPSHOT_BYTES,
@@ -56,7 +57,7 @@ from services.index.snapshot import (
 log = logging.getLogger(__name__)
 
 
-class IndexNotReady(RuntimeError):
+class IndexNotReady(StreamrecError, RuntimeError):
     """No snapshot has been loaded yet (nothing published, or every one refused)."""
 
 
@@ -327,10 +328,10 @@ class ReloadableIndex:
         )
         age.set_function(self._age_seconds)
         self._swaps = Counter(
-            "streamrec_index_swaps", "Index snapshots swapped in.", registry=registry
+            "streamrec_index_swaps_total", "Index snapshots swapped in.", registry=registry
         )
         self._swap_failures = Counter(
-            "streamrec_index_swap_failures",
+            "streamrec_index_swap_failures_total",
             "Index pointers and snapshots refused (malformed pointer, outside the store, "
             "too large, unreadable, checksum mismatch, wrong dimension).",
             registry=registry,

@@ -60,6 +60,7 @@ import numpy as np
 import redis
 from redis.cluster import RedisCluster
 
+from contracts.errors import StreamrecError
 from services.index.builder import (
     IndexSpec,
     apply_search_params,
@@ -94,7 +95,7 @@ return 1
 """
 
 
-class SnapshotError(Exception):
+class SnapshotError(StreamrecError):
     """A snapshot that cannot be used: unreadable, inconsistent or failing a checksum."""
 
     def __init__(self, reason: str) -> None:

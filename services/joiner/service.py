@@ -44,6 +44,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.control import decode_watermark, encode_watermark
+from contracts.errors import StreamrecError
 from contracts.events import Feedback, decode_click, decode_impression, encode
 from services.common import (
     Checkpoint,
@@ -54,7 +55,6 @@ from services.common import (
     Rejection,
     TopicSettings,
 )
-from services.common.errors import StreamrecError
 from services.common.service import ServiceSpec, run_service
 from services.joiner.clock import LogClock
 from services.joiner.join import (

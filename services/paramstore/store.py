@@ -65,6 +65,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.cluster import RedisCluster
 
+from contracts.errors import StreamrecError
 from contracts.keys import KeySpace
 from contracts.params import ParamError, ParamSet, decode_params, verify_params
 from services.common.clients import redis_client, redis_from_url
@@ -296,7 +297,7 @@ class ParamStoreSettings(BaseSettings):
     stays readable, for readers that fetch a manifest and its blobs in separate commands."""
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(StreamrecError, LookupError):
     """No version of the model has been published (or none is loaded yet)."""
 
     def __init__(self, model: str, detail: str = "no version published") -> None:
@@ -304,7 +305,7 @@ class ModelNotFound(LookupError):
         self.model = model
 
 
-class StalePublish(RuntimeError):
+class StalePublish(StreamrecError, RuntimeError):
     """Every part of a publish carried a fencing token lower than one already seen."""
 
     def __init__(self, model: str, parts: list[str]) -> None:
@@ -335,7 +336,7 @@ class ParamMetrics:
             registry=registry,
         )
         self.written_bytes = Counter(
-            "streamrec_params_written_bytes",
+            "streamrec_params_written_bytes_total",
             "Bytes of blobs written to Redis; a part published unchanged writes none.",
             ["model"],
             registry=registry,
@@ -365,7 +366,7 @@ class ParamMetrics:
             registry=registry,
         )
         self.fenced = Counter(
-            "streamrec_params_fenced_parts",
+            "streamrec_params_fenced_parts_total",
             "Parts not published because a newer owner had published them (fencing).",
             ["model"],
             registry=registry,
@@ -389,7 +390,7 @@ class ParamMetrics:
             registry=registry,
         )
         self.reader_errors = Counter(
-            "streamrec_params_reader_errors",
+            "streamrec_params_reader_errors_total",
             "Failed refreshes, by reason (redis, corrupt, missing, build).",
             ["model", "reason"],
             registry=registry,

@@ -3,10 +3,9 @@
 - :mod:`~services.serving.recommender`: :class:`Recommender`, the library —
   user → candidates (faiss neighbours of the user's recent items, fresh,
   popular, random fill) → features → the user's policy → slate → one
-  Impression to Kafka → answer;
+  Impression to Kafka → answer; the popular and fresh lists and the item
+  catalog come from :mod:`services.catalog`;
 - :mod:`~services.serving.api`: the HTTP API (``streamrec run serving``);
-- :mod:`~services.serving.candidates`: popular/fresh lists and the item catalog
-  in Redis, and the in-memory feed serving reads them from;
 - :mod:`~services.serving.policies`: the ranking-policy interface, the random
   and bandit policies and the traffic router;
 - :mod:`~services.serving.slate`: top-k with epsilon exploration and exact
@@ -15,13 +14,6 @@
 
 from __future__ import annotations
 
-from services.serving.candidates import (
-    CandidateFeed,
-    CandidateLists,
-    ItemCatalog,
-    publish_catalog,
-    write_ranked,
-)
 from services.serving.policies import (
     BanditPolicy,
     PolicyRouter,
@@ -45,10 +37,7 @@ from services.serving.slate import Slate, build_slate
 __all__ = [
     "BadRequest",
     "BanditPolicy",
-    "CandidateFeed",
-    "CandidateLists",
     "ImpressionNotLogged",
-    "ItemCatalog",
     "KafkaImpressionLog",
     "NoCandidates",
     "PolicyRouter",
@@ -62,6 +51,4 @@ __all__ = [
     "Slate",
     "build_slate",
     "impression_for",
-    "publish_catalog",
-    "write_ranked",
 ]

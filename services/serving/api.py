@@ -34,7 +34,7 @@ before anything is parsed (see :class:`~services.index.ReloadableIndex`).
 Parameters reach serving through :class:`~services.paramstore.ParamWatcher`,
 which keeps the last good version when Redis is unreachable; the index through
 :class:`~services.index.ReloadableIndex`; popular/fresh/catalog lists through
-:class:`~services.serving.candidates.CandidateFeed`. Context and item feature
+:class:`~services.catalog.CandidateFeed`. Context and item feature
 widths are the bandits service's (``STREAMREC_BANDITS_CONTEXT_DIM`` and
 ``STREAMREC_BANDITS_ITEM_DIM``), so serving scores exactly what the learners learn.
 """
@@ -59,6 +59,7 @@ from starlette.routing import Route
 
 from contracts.events import MAX_SLATE, EventError, decode_json
 from services.bandits.service import BanditsSettings, build_learner
+from services.catalog import CandidateFeed
 from services.common import clients
 from services.common.metrics import serve_metrics
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
@@ -68,7 +69,6 @@ from services.index import ReloadableIndex
 from services.index.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES
 from services.paramstore import ParamStore, ParamWatcher
 from services.sequences import Sequences
-from services.serving.candidates import CandidateFeed
 from services.serving.drn_policy import DRNPolicy, drn_builder
 from services.serving.policies import BanditPolicy, PolicyRouter, RandomPolicy, RankingPolicy
 from services.serving.recommender import (

@@ -52,13 +52,14 @@ import numpy as np
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from contracts.errors import StreamrecError
 from contracts.events import MAX_SLATE, EventError, Impression, SlateItem
 from contracts.ids import item_labels
+from services.catalog import CandidateLists
 from services.common.clients import REDIS_ERRORS
 from services.common.metrics import LATENCY_BUCKETS
 from services.index import IndexNotReady, LoadedIndex, ReloadableIndex
 from services.sequences import SequenceEntry
-from services.serving.candidates import CandidateLists
 from services.serving.policies import PolicyRouter, RankedSlate, RankingPolicy, RankRequest
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ _MAX_ID = 128
 _MAX_FEATURE = 1e9
 
 
-class BadRequest(ValueError):
+class BadRequest(StreamrecError, ValueError):
     """Input serving cannot answer; ``reasons`` lists every problem found."""
 
     def __init__(self, reasons: Sequence[str]) -> None:
@@ -77,11 +78,11 @@ class BadRequest(ValueError):
         self.reasons = list(reasons)
 
 
-class NoCandidates(RuntimeError):
+class NoCandidates(StreamrecError, RuntimeError):
     """Nothing to recommend from yet: no index, no popular or fresh items, no catalog."""
 
 
-class ImpressionNotLogged(RuntimeError):
+class ImpressionNotLogged(StreamrecError, RuntimeError):
     """The impression could not be produced (only raised when logging waits for the ack)."""
 
 
@@ -112,7 +113,7 @@ class ServingMetrics:
             registry=registry,
         )
         self.requests = Counter(
-            "streamrec_serving_requests",
+            "streamrec_serving_requests_total",
             "Recommendation requests by policy and outcome "
             "(ok, cold_start, bad_request, unavailable, error).",
             ["policy", "outcome"],
@@ -133,13 +134,13 @@ class ServingMetrics:
             registry=registry,
         )
         self.impressions = Counter(
-            "streamrec_serving_impressions",
+            "streamrec_serving_impressions_total",
             "Impressions handed to Kafka, by outcome (sent, failed).",
             ["outcome"],
             registry=registry,
         )
         self.degraded = Counter(
-            "streamrec_serving_degraded",
+            "streamrec_serving_degraded_total",
             "Requests answered without a source, by source (history, index; impressions: "
             "the slate was answered but its impression not logged).",
             ["source"],

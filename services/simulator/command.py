@@ -10,8 +10,9 @@ import sys
 import threading
 
 from services.bandits.service import BanditsSettings
-from services.common import clients
+from services.common import clients, logs
 from services.common.settings import KafkaSettings, RedisSettings, TopicSettings
+from services.gateway.sdk import EventProducer
 from services.paramstore import ParamStore
 from services.simulator.driver import (
     EventSink,
@@ -87,9 +88,6 @@ def make_simulation(
 
 def run(args: argparse.Namespace) -> int:
     """Drive the configured Kafka/Redis (or gateway) with simulated users."""
-    from services.common import logs
-    from services.gateway.sdk import EventProducer
-
     logs.configure("simulator")
     # httpx logs every request at INFO: hundreds of lines a second at simulator rates.
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -25,6 +25,11 @@ from types import FrameType
 
 import httpx
 
+from services.apps import available_services
+from services.common import logs
+from services.common.settings import KafkaSettings, TopicSettings
+from services.common.topics import create_topics
+from services.stack.demo import Demo
 from services.stack.kafka import start_broker
 from services.stack.servers import ManagedProcess, free_port, start_redis
 from services.stack.supervisor import Supervisor
@@ -154,9 +159,6 @@ def _alive(pid: int) -> bool:
 
 def up(args: argparse.Namespace) -> int:
     """Start the embedded stack (broker, Redis, every service) and supervise it."""
-    from services.cli import available_services
-    from services.common import logs
-
     logs.configure("stack")
     run_dir: Path = args.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -207,9 +209,6 @@ def up(args: argparse.Namespace) -> int:
                 "STREAMREC_TOPIC_MIN_INSYNC_REPLICAS": "1",
             }
         os.environ.update(env)
-        from services.common.settings import KafkaSettings, TopicSettings
-        from services.common.topics import create_topics
-
         create_topics(KafkaSettings(), TopicSettings())
 
         supervisor = Supervisor(run_dir, env)
@@ -265,8 +264,6 @@ def up(args: argparse.Namespace) -> int:
 
         demo = None
         if args.simulate:
-            from services.simulator.demo import Demo
-
             demo = Demo(
                 supervisor,
                 env,

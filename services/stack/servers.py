@@ -22,12 +22,14 @@ from pathlib import Path
 
 import redis
 
+from contracts.errors import StreamrecError
+
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
 
-class ServerError(RuntimeError):
+class ServerError(StreamrecError, RuntimeError):
     """An embedded server could not be found or did not become healthy."""
 
 

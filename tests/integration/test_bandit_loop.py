@@ -532,8 +532,8 @@ def test_the_catalog_published_for_serving_protects_its_arms_in_the_bandits_serv
     from prometheus_client import CollectorRegistry as Registry
 
     from services.bandits.service import BanditsProcessor, BanditsSettings, CatalogLabels
+    from services.catalog import publish_catalog
     from services.common import Record
-    from services.serving.candidates import publish_catalog
 
     catalog = CatalogLabels(redis_client, keyspace, refresh_s=0.01)
     assert len(catalog.labels()) == 0, "no catalog published yet"

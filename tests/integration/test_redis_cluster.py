@@ -29,6 +29,7 @@ from contracts.events import Click
 from contracts.keys import KeySpace
 from contracts.params import encode_params
 from services.bandits import LinUCB
+from services.catalog import CandidateFeed, publish_catalog, write_ranked
 from services.common.checkpoint import Checkpoint, CheckpointStore, Fenced
 from services.common.clients import REDIS_ERRORS, redis_client, redis_from_url
 from services.common.runtime import Record
@@ -38,7 +39,6 @@ from services.index.snapshot import SnapshotError, read_pointer
 from services.paramstore import ParamStore, ParamWatcher
 from services.sequences.reader import Sequences
 from services.sequences.store import SequenceStore
-from services.serving.candidates import CandidateFeed, publish_catalog, write_ranked
 from services.simulator.driver import publish_world_catalog
 from services.simulator.world import World, WorldConfig
 from services.stack.redis_cluster import (

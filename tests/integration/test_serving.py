@@ -29,6 +29,7 @@ from contracts.keys import KeySpace
 from contracts.params import encode_params
 from services.bandits.features import policy_features
 from services.bandits.service import BanditsProcessor, BanditsSettings, build_learner
+from services.catalog import publish_catalog, write_ranked
 from services.common.runtime import ConsumerRuntime, Record
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
 from services.common.topics import ensure_topics
@@ -38,7 +39,6 @@ from services.joiner.service import JoinerSettings, JoinProcessor
 from services.paramstore import ParamStore
 from services.sequences import SequenceStore
 from services.serving.api import ServingSettings, ServingStack
-from services.serving.candidates import publish_catalog, write_ranked
 from services.simulator.command import DEMO_WORLD
 from services.simulator.driver import KafkaSink, ServingSource, Simulation, publish_world_catalog
 from services.simulator.world import World

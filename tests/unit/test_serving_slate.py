@@ -16,7 +16,7 @@ from contracts.events import Impression, decode_impression, encode
 from contracts.ids import item_labels
 from services.bandits.features import policy_features
 from services.bandits.service import BanditsSettings, build_learner
-from services.serving.candidates import CandidateLists, ItemCatalog
+from services.catalog import CandidateLists, ItemCatalog
 from services.serving.policies import BanditPolicy, PolicyRouter, RandomPolicy, RankRequest
 from services.serving.recommender import BadRequest, Recommender, RecommenderConfig
 from services.serving.slate import build_slate

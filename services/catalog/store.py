@@ -1,5 +1,7 @@
-"""Candidate sources besides the faiss index: popular items, fresh items and the catalog.
+"""The catalog store: popular items, fresh items and the item catalog in Redis.
 
+The embeddings service writes the popular and fresh lists, the catalog's owner
+(the simulator, in the demo) writes the catalog, and serving reads all three.
 Serving's candidates for one request are the faiss neighbours of the user's
 vector plus the lists kept here, which also carry cold users (no history, no
 known item vector) so that a new user gets popular and fresh items, not an error.
@@ -202,7 +204,7 @@ class CandidateFeed:
             registry=registry,
         )
         self._errors = Counter(
-            "streamrec_serving_candidate_feed_errors",
+            "streamrec_serving_candidate_feed_errors_total",
             "Failed refreshes of popular/fresh/catalog, by reason (redis, catalog).",
             ["reason"],
             registry=registry,
