@@ -49,8 +49,8 @@ drift detection starts afresh.
 **Publishing.** After a checkpoint, if W̃ was redrawn since the last publish
 (every change of W redraws it), W and W̃ are published as one ParamStore
 version: part ``main`` with float32 arrays ``W/…`` and ``W_explore/…`` (see
-:func:`services.serving.drn_policy.published_arrays`), the checkpointed
-offsets, and meta with the W̃ draw and the feature layout.
+:mod:`services.drn.publish`), the checkpointed offsets, and meta with the W̃
+draw and the feature layout.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ from services.common.process import run_consumer_service
 from services.drn.features import FeatureLayout
 from services.drn.interleaving import EXPLOIT, EXPLORE, Winner, credit
 from services.drn.learner import DRNLearner
+from services.drn.publish import published_arrays, published_meta
 from services.paramstore import ParamStore, StalePublish
-from services.serving.drn_policy import published_arrays, published_meta
 
 log = logging.getLogger(__name__)
 
