@@ -56,7 +56,7 @@ from services.bandits.service import DEFAULT_POLICIES, BanditsSettings, build_le
 from services.common.runtime import Record
 from services.common.settings import KafkaSettings, TopicSettings
 from services.common.topics import ensure_topics
-from services.drn.service import DRNSettings
+from services.drn.settings import DRNSettings
 from services.gateway.sdk import EventProducer
 from services.index import IndexSpec, ReloadableIndex, SnapshotStore, build_index, publish
 from services.sequences import Sequences, SequenceStore

@@ -43,7 +43,7 @@ import numpy as np
 
 from contracts.events import Feedback
 from services.drn import EXPLOIT, EXPLORE, DRNLearner, FeatureLayout
-from services.drn.service import DRNSettings
+from services.drn.settings import DRNSettings
 from services.drn.slates import SlateFeedback
 from services.drn.trainer import DRNTrainer
 from services.evaluation.metrics import interleaving_win_rate, ndcg_at_k

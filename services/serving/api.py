@@ -62,7 +62,7 @@ from services.bandits.service import BanditsSettings, build_learner
 from services.common import clients
 from services.common.metrics import serve_metrics
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
-from services.drn.service import DRNSettings
+from services.drn.settings import DRNSettings
 from services.gateway.sdk import DEFAULT_BUFFER_MEMORY, EventProducer
 from services.index import ReloadableIndex
 from services.index.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES

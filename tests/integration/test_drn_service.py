@@ -36,7 +36,8 @@ from services.common import (
     RuntimeSettings,
     TopicSettings,
 )
-from services.drn.service import DRNProcessor, DRNSettings
+from services.drn.service import DRNProcessor
+from services.drn.settings import DRNSettings
 from services.drn.slates import SlateFeedback
 from services.evaluation.drn import served_feedback
 from services.paramstore import ParamStore, ParamWatcher
