@@ -617,7 +617,7 @@ def _paired(diffs: Sequence[float]) -> dict[str, Any]:
 def plot_comparison(report: Mapping[str, Any], directory: str | Path) -> list[Path]:
     """Per scenario, ``drn_<scenario>_ctr.png`` (windowed CTR, mean over seeds); with DRN
     also ``drn_dbgd_win_rate.png`` (W̃'s interleaving win rate per window, every scenario)."""
-    from services.evaluation.plots import plot_series
+    from services.evaluation.plots import plot_series  # on demand: matplotlib imports in ~0.7 s
 
     directory = Path(directory)
     paths = []
