@@ -58,15 +58,12 @@ from contracts.events import decode_feedback, encode  # noqa: E402
 from contracts.keys import KeySpace  # noqa: E402
 from contracts.params import encode_params  # noqa: E402
 from services.common import Record  # noqa: E402
-from services.drn.service import DRNProcessor, DRNSettings  # noqa: E402
+from services.drn.publish import published_arrays, published_meta  # noqa: E402
+from services.drn.service import DRNProcessor  # noqa: E402
+from services.drn.settings import DRNSettings  # noqa: E402
 from services.evaluation.drn import compare, plot_comparison, served_feedback  # noqa: E402
 from services.paramstore import ParamStore  # noqa: E402
-from services.serving.drn_policy import (  # noqa: E402
-    DRNModel,
-    DRNPolicy,
-    published_arrays,
-    published_meta,
-)
+from services.serving.drn_policy import DRNModel, DRNPolicy  # noqa: E402
 from services.serving.policies import RankRequest  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

@@ -57,7 +57,7 @@ from services.catalog import CandidateLists, ItemCatalog
 from services.common.runtime import Record
 from services.common.settings import KafkaSettings, TopicSettings
 from services.common.topics import ensure_topics
-from services.drn.service import DRNSettings
+from services.drn.settings import DRNSettings
 from services.gateway.sdk import EventProducer
 from services.index import IndexSpec, ReloadableIndex, SnapshotStore, build_index, publish
 from services.sequences import Sequences, SequenceStore

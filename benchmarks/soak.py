@@ -60,7 +60,7 @@ from services.common import clients  # noqa: E402
 from services.common.runtime import CONTROL_HEADER  # noqa: E402
 from services.common.settings import KafkaSettings, RedisSettings, TopicSettings  # noqa: E402
 from services.common.topics import create_topics  # noqa: E402
-from services.drn.service import DRNSettings  # noqa: E402
+from services.drn.settings import DRNSettings  # noqa: E402
 from services.paramstore import ModelNotFound, ParamStore  # noqa: E402
 from services.stack.kafka import start_broker  # noqa: E402
 from services.stack.servers import free_port, start_redis  # noqa: E402

@@ -9,7 +9,14 @@ no Kafka and no Redis.
 - :mod:`~services.drn.dbgd` — Dueling Bandit Gradient Descent on weight dicts;
 - :mod:`~services.drn.interleaving` — probabilistic and team-draft interleaving;
 - :mod:`~services.drn.replay_buffer` — the fixed-capacity transition buffer;
-- :mod:`~services.drn.learner` — :class:`DRNLearner`, which ties them together.
+- :mod:`~services.drn.learner` — :class:`DRNLearner`, which ties them together;
+- :mod:`~services.drn.slates` — served slates' feedback, assembled and packed;
+- :mod:`~services.drn.trainer` — :class:`~services.drn.trainer.DRNTrainer`, the
+  training rules (DBGD verdicts, replay, major updates) over slates;
+- :mod:`~services.drn.settings` — ``STREAMREC_DRN_*`` and what they build;
+- :mod:`~services.drn.publish` — the format W and W̃ are published in.
+
+The Kafka and Redis service around them is :mod:`services.drn.service`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 :class:`DRNSlatePolicy` runs the production pieces in process: the serving
 policy (:class:`services.serving.drn_policy.DRNPolicy`: features, W and W̃
 scores, probabilistic interleaving) ranks each request, and the service's
-:class:`services.drn.service.DRNTrainer` learns from the clicks (DBGD verdicts,
+:class:`services.drn.trainer.DRNTrainer` learns from the clicks (DBGD verdicts,
 replay, scheduled and drift-triggered major updates). Only Kafka, Redis and the
 publish delay are left out: the trainer's newest W and W̃ serve the next request.
 
@@ -43,7 +43,9 @@ import numpy as np
 
 from contracts.events import Feedback
 from services.drn import EXPLOIT, EXPLORE, DRNLearner, FeatureLayout
-from services.drn.service import DRNSettings, DRNTrainer, SlateFeedback
+from services.drn.settings import DRNSettings
+from services.drn.slates import SlateFeedback
+from services.drn.trainer import DRNTrainer
 from services.evaluation.metrics import interleaving_win_rate, ndcg_at_k
 from services.evaluation.online import OnlineResult, SlatePolicy, make_policy, policy_rng
 from services.serving.drn_policy import DRNModel, DRNPolicy
@@ -615,7 +617,7 @@ def _paired(diffs: Sequence[float]) -> dict[str, Any]:
 def plot_comparison(report: Mapping[str, Any], directory: str | Path) -> list[Path]:
     """Per scenario, ``drn_<scenario>_ctr.png`` (windowed CTR, mean over seeds); with DRN
     also ``drn_dbgd_win_rate.png`` (W̃'s interleaving win rate per window, every scenario)."""
-    from services.evaluation.plots import plot_series
+    from services.evaluation.plots import plot_series  # on demand: matplotlib imports in ~0.7 s
 
     directory = Path(directory)
     paths = []

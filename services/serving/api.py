@@ -63,7 +63,7 @@ from services.catalog import CandidateFeed
 from services.common import clients
 from services.common.metrics import serve_metrics
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
-from services.drn.service import DRNSettings
+from services.drn.settings import DRNSettings
 from services.gateway.sdk import DEFAULT_BUFFER_MEMORY, EventProducer
 from services.index import ReloadableIndex
 from services.index.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES

@@ -1,10 +1,10 @@
 """DRN as a serving policy: rank with W and W̃, merge by interleaving, log what was scored.
 
-The DRN service (:mod:`services.drn.service`) publishes both networks as one
-ParamStore version: part ``main`` holds W's arrays under ``W/…`` and W̃'s under
-``W_explore/…`` (float32, checksummed by :mod:`contracts.params`), and its meta
-names the W̃ draw (``explore_version``) and the feature layout the networks
-expect. :func:`drn_builder` turns such a version into a :class:`DRNModel` for a
+The DRN service publishes both networks as one ParamStore version in the
+format of :mod:`services.drn.publish`: part ``main`` holds W's arrays under
+``W/…`` and W̃'s under ``W_explore/…``, and its meta names the W̃ draw
+(``explore_version``) and the feature layout the networks expect.
+:func:`drn_builder` turns such a version into a :class:`DRNModel` for a
 :class:`~services.paramstore.ParamWatcher`.
 
 :class:`DRNPolicy` answers a :class:`~services.serving.policies.RankRequest` in
@@ -94,15 +94,10 @@ from services.drn import (
     team_draft_interleave,
     user_profile,
 )
+from services.drn.publish import read_published
 from services.serving.policies import RankedSlate, RankRequest
 
 log = logging.getLogger(__name__)
-
-#: Array-name prefixes of W and W̃ in the published part ``main``.
-ONLINE_PREFIX = "W/"
-EXPLORE_PREFIX = "W_explore/"
-#: ``meta["kind"]`` of a published DRN version.
-MODEL_KIND = "drn"
 
 Interleaving = Literal["probabilistic", "team_draft"]
 
@@ -232,48 +227,17 @@ class DRNModel:
         return self.online.action_dim
 
 
-def published_arrays(
-    online: Mapping[str, np.ndarray], explore: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """W and W̃ as the float32 arrays of one published part (``W/…``, ``W_explore/…``)."""
-    arrays = {f"{ONLINE_PREFIX}{k}": np.asarray(v, dtype=np.float32) for k, v in online.items()}
-    arrays.update(
-        {f"{EXPLORE_PREFIX}{k}": np.asarray(v, dtype=np.float32) for k, v in explore.items()}
-    )
-    return arrays
-
-
-def published_meta(explore_version: int, layout: FeatureLayout) -> dict[str, Any]:
-    """The meta of a published DRN version: kind, W̃ draw and the feature layout."""
-    return {
-        "kind": MODEL_KIND,
-        "explore_version": int(explore_version),
-        "state_dim": layout.state_dim,
-        "action_dim": layout.action_dim,
-        "layout": layout.to_meta(),
-    }
-
-
 def model_from_published(
     version: int, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]
 ) -> DRNModel:
     """A :class:`DRNModel` from a ParamStore version (``ValueError`` if it is not DRN's)."""
-    meta = header.get("meta", {})
-    if meta.get("kind") != MODEL_KIND:
-        raise ValueError(f"version {version} is not a DRN model (meta kind {meta.get('kind')!r})")
-    online = {k[len(ONLINE_PREFIX) :]: v for k, v in arrays.items() if k.startswith(ONLINE_PREFIX)}
-    explore = {
-        k[len(EXPLORE_PREFIX) :]: v for k, v in arrays.items() if k.startswith(EXPLORE_PREFIX)
-    }
-    if not online or set(online) != set(explore):
-        raise ValueError(f"version {version} does not hold matching W and W_explore arrays")
-    layout = FeatureLayout.from_meta(meta["layout"]) if "layout" in meta else None
+    published = read_published(version, header, arrays)
     return DRNModel.from_weights(
-        online,
-        explore,
-        int(meta["state_dim"]),
-        explore_version=int(meta["explore_version"]),
-        layout=layout,
+        published.online,
+        published.explore,
+        published.state_dim,
+        explore_version=published.explore_version,
+        layout=published.layout,
         store_version=version,
     )
 

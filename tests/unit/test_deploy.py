@@ -76,7 +76,7 @@ def settings_env_names() -> set[str]:
         RuntimeSettings,
         TopicSettings,
     )
-    from services.drn.service import DRNSettings
+    from services.drn.settings import DRNSettings
     from services.embeddings.service import EmbeddingsSettings
     from services.gateway.app import GatewaySettings
     from services.joiner.service import JoinerSettings

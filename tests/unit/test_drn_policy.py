@@ -18,14 +18,13 @@ from services.drn import (
     probabilistic_interleave,
     team_draft_interleave,
 )
+from services.drn.publish import published_arrays, published_meta
 from services.serving.drn_policy import (
     DRNModel,
     DRNPolicy,
     QScorer,
     drn_builder,
     model_from_published,
-    published_arrays,
-    published_meta,
 )
 from services.serving.policies import RankRequest
 
