@@ -55,11 +55,12 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "services.sequences.service",
             "services.gateway",
             "services.serving",
+            "services.apps",
         ),
     ),
     ("simulator", ("services.simulator",)),
     ("evaluation", ("services.evaluation",)),
-    ("stack", ("services.apps", "services.stack")),
+    ("stack", ("services.stack",)),
     ("cli", ("services.cli",)),
 )
 

@@ -10,7 +10,7 @@ import importlib.util
 
 #: Services and where their ``main() -> int`` lives, as ``module:function``.
 SERVICES = {
-    "gateway": "services.gateway.app:serve",
+    "gateway": "services.gateway.app:main",
     "joiner": "services.joiner.service:main",
     "bandits": "services.bandits.service:main",
     "sequences": "services.sequences.service:main",

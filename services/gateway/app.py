@@ -309,7 +309,7 @@ def gateway_producer(
     )
 
 
-def serve(settings: GatewaySettings | None = None) -> int:
+def main(settings: GatewaySettings | None = None) -> int:
     """Run the gateway with uvicorn until SIGTERM."""
     import uvicorn
 
@@ -329,3 +329,7 @@ def serve(settings: GatewaySettings | None = None) -> int:
     finally:
         producer.close()
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

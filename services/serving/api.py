@@ -60,7 +60,7 @@ from starlette.routing import Route
 from contracts.events import MAX_SLATE, EventError, decode_json
 from services.bandits.service import BanditsSettings, build_learner
 from services.catalog import CandidateFeed
-from services.common import clients
+from services.common import clients, logs
 from services.common.metrics import serve_metrics
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
 from services.drn.settings import DRNSettings
@@ -423,8 +423,6 @@ class ServingStack:
 def main() -> int:
     """Run the serving API with uvicorn until SIGTERM."""
     import uvicorn
-
-    from services.common import logs
 
     logs.configure("serving")
     stack = ServingStack()
