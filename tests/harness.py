@@ -10,11 +10,20 @@ checkpoints round-trip through the same JSON. Faults are injected on purpose:
 a poll that raises, a topic that refuses records, a log whose start moved
 (retention) or that was cut short.
 
+Stand-ins for the Redis-backed stores the service processors write to, with only
+the methods those processors call: :class:`MemorySequenceStore` (the sequences
+service's :class:`~services.sequences.store.SequenceStore`), :class:`MemoryParamStore`
+(:class:`~services.paramstore.ParamStore`'s ``publish``, for bandits and DRN) and
+:class:`MemorySnapshotPublisher` (the embeddings service's
+:class:`~services.embeddings.service.SnapshotPublisher`). They keep the semantics
+the processors rely on (offset marks, fencing tokens), not the Redis protocol.
+
 This is for pure-logic tests; integration tests run on the real Kafka and Redis.
 """
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,8 +33,11 @@ import msgspec
 from kafka import TopicPartition
 from kafka.errors import KafkaError, OffsetOutOfRangeError
 
+from contracts.params import verify_params
 from services.common.checkpoint import Checkpoint, Fenced
-from services.common.runtime import Connections
+from services.common.runtime import Connections, Record
+from services.paramstore import StalePublish
+from services.sequences import store as sequence_store
 
 _json = msgspec.json.Encoder()
 
@@ -285,7 +297,9 @@ class MemoryCheckpoints:
         if fenced:
             raise Fenced(fenced)
         self.saves += 1
+        now = time.time()  # as the Redis store stamps each checkpoint it writes
         for partition, ckpt in checkpoints.items():
+            ckpt.written_at = now
             self.stored[partition] = _json.encode(ckpt)
 
     def load(self, partitions: Iterable[int]) -> dict[int, Checkpoint]:
@@ -294,3 +308,123 @@ class MemoryCheckpoints:
             for p in partitions
             if p in self.stored
         }
+
+
+class MemorySequenceStore:
+    """:class:`~services.sequences.store.SequenceStore`'s ``append`` over dicts: each
+    user's clicks as members scored by event time, capped at ``max_len``, with one
+    applied-offset mark per (user, input partition), so a redelivered record is skipped
+    and a click sent twice (same event and item) is one member, as the Lua script does.
+
+    ``failures`` are raised by the next appends, in order (a Redis error mid-batch).
+    """
+
+    def __init__(self, max_len: int = sequence_store.DEFAULT_MAX_LEN) -> None:
+        self.max_len = max_len
+        #: user -> member -> score (event time in integer microseconds).
+        self.sequences: dict[str, dict[str, int]] = defaultdict(dict)
+        #: user -> field -> value: ``n`` (clicks added) and the ``o:<topic>:<partition>`` marks.
+        self.users: dict[str, dict[str, int]] = defaultdict(dict)
+        self.failures: list[Exception] = []
+        self.calls = 0
+
+    def append(self, records: Iterable[Record]) -> sequence_store.AppendStats:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        total = applied = added = 0
+        for record in records:
+            click = record.value
+            total += 1
+            user = self.users[click.user_id]
+            field_ = sequence_store.mark_field(record.topic, record.partition)
+            if record.offset <= user.get(field_, -1):
+                continue
+            applied += 1
+            user[field_] = record.offset
+            sequence = self.sequences[click.user_id]
+            name = sequence_store.member(click.item_id, click.event_id)
+            if name not in sequence:
+                sequence[name] = sequence_store.score_of(click.ts)
+                added += 1
+                user["n"] = user.get("n", 0) + 1
+            for dropped in sorted(sequence, key=lambda m: (sequence[m], m))[: -self.max_len]:
+                del sequence[dropped]
+        return sequence_store.AppendStats(applied=applied, added=added, redelivered=total - applied)
+
+    def items(self, user_id: str) -> list[str]:
+        """The user's clicked item ids, oldest first (what the reader returns, reversed)."""
+        sequence = self.sequences.get(user_id, {})
+        ordered = sorted(sequence, key=lambda m: (sequence[m], m))
+        return [sequence_store.item_of(m) for m in ordered]
+
+
+@dataclass
+class Published:
+    """One version a :class:`MemoryParamStore` made: the blobs of every part."""
+
+    version: int
+    parts: dict[str, bytes]
+
+
+class MemoryParamStore:
+    """:class:`~services.paramstore.ParamStore`'s ``publish`` in a dict: blobs must verify
+    and name the model; a part whose fencing token is below the highest its owner
+    published is skipped, and :class:`~services.paramstore.StalePublish` is raised if
+    every part was; parts not named keep their earlier blobs."""
+
+    def __init__(self) -> None:
+        self.versions: dict[str, list[Published]] = defaultdict(list)
+        self.fences: dict[tuple[str, str], tuple[str, int]] = {}
+        self.fenced: list[tuple[str, str]] = []
+
+    def publish(
+        self,
+        model: str,
+        parts: Mapping[str, bytes],
+        *,
+        fence: Mapping[str, int] | None = None,
+        owner: str = "",
+    ) -> int:
+        for part, blob in parts.items():
+            if verify_params(bytes(blob))["model"] != model:
+                raise ValueError(f"part {part!r} was not encoded for model {model!r}")
+        fence = fence or {}
+        accepted = {}
+        for part, blob in parts.items():
+            held = self.fences.get((model, part))
+            token = fence.get(part)
+            if token is not None and held is not None and held[0] == owner and token < held[1]:
+                self.fenced.append((model, part))
+                continue
+            if token is not None:
+                self.fences[(model, part)] = (owner, token)
+            accepted[part] = bytes(blob)
+        if not accepted:
+            raise StalePublish(model, sorted(parts))
+        history = self.versions[model]
+        merged = {**(history[-1].parts if history else {}), **accepted}
+        if history and merged == history[-1].parts:
+            return history[-1].version
+        history.append(Published(len(history) + 1, merged))
+        return len(history)
+
+    def latest(self, model: str) -> Published:
+        return self.versions[model][-1]
+
+
+class MemorySnapshotPublisher:
+    """The embeddings service's :class:`~services.embeddings.service.SnapshotPublisher` as
+    its processor uses it (``metrics``, ``submit``, ``close``): jobs are kept, in order,
+    instead of being built into an index and published on a background thread."""
+
+    def __init__(self, metrics: Any) -> None:
+        self.metrics = metrics
+        self.jobs: list[Any] = []
+        self.closed = False
+
+    def submit(self, job: Any) -> None:
+        self.jobs.append(job)
+
+    def close(self, timeout: float = 120.0) -> None:
+        self.closed = True
