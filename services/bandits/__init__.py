@@ -8,7 +8,8 @@ which ``merge`` sums across Kafka partitions.
 
 from __future__ import annotations
 
-from services.bandits.base import BanditLearner, top_k
+from services.bandits._kernels import top_k
+from services.bandits.base import BanditLearner
 from services.bandits.epsilon import EpsilonGreedy
 from services.bandits.hybrid import HybridLinUCB
 from services.bandits.linear_thompson import LinearThompson

@@ -22,16 +22,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from services.bandits.base import (
+from services.bandits._kernels import (
     UPDATE_BLOCK,
-    BanditLearner,
     arm_forms,
-    dimension,
     group_rows,
     grouped_outer_sums,
-    positive,
     row_dots,
 )
+from services.bandits.base import BanditLearner, dimension, positive
 
 
 class HybridLinUCB(BanditLearner):

@@ -11,16 +11,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from services.bandits.base import (
-    UPDATE_BLOCK,
-    BanditLearner,
-    State,
-    arm_forms,
-    dimension,
-    group_rows,
-    grouped_outer_sums,
-    positive,
-)
+from services.bandits._kernels import UPDATE_BLOCK, arm_forms, group_rows, grouped_outer_sums
+from services.bandits.base import BanditLearner, State, dimension, positive
 
 #: Online updates queue this many events before summing them into the statistics.
 _QUEUE_ROWS = 256
