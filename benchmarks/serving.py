@@ -52,7 +52,8 @@ from contracts.events import Click, Impression
 from contracts.ids import item_labels
 from contracts.keys import KeySpace
 from services.bandits.features import policy_features
-from services.bandits.service import DEFAULT_POLICIES, BanditsSettings, build_learner
+from services.bandits.service import build_learner
+from services.bandits.settings import DEFAULT_POLICIES, BanditsSettings
 from services.common.runtime import Record
 from services.common.settings import KafkaSettings, TopicSettings
 from services.common.topics import ensure_topics

@@ -58,7 +58,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from contracts.events import MAX_SLATE, EventError, decode_json
-from services.bandits.service import BanditsSettings, build_learner
+from services.bandits.service import build_learner
+from services.bandits.settings import BanditsSettings
 from services.common import clients
 from services.common.metrics import serve_metrics
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings

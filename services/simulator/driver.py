@@ -34,7 +34,8 @@ from redis.cluster import RedisCluster
 
 from contracts.events import Click, Impression, encode
 from contracts.keys import KeySpace
-from services.bandits.service import BanditsSettings, build_learner
+from services.bandits.service import build_learner
+from services.bandits.settings import BanditsSettings
 from services.paramstore import ParamStore, ParamWatcher
 from services.serving.candidates import publish_catalog
 from services.serving.policies import (

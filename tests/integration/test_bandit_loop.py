@@ -531,7 +531,8 @@ def test_the_catalog_published_for_serving_protects_its_arms_in_the_bandits_serv
 ):
     from prometheus_client import CollectorRegistry as Registry
 
-    from services.bandits.service import BanditsProcessor, BanditsSettings, CatalogLabels
+    from services.bandits.service import BanditsProcessor, CatalogLabels
+    from services.bandits.settings import BanditsSettings
     from services.common import Record
     from services.serving.candidates import publish_catalog
 

@@ -28,7 +28,8 @@ from contracts.ids import item_labels
 from contracts.keys import KeySpace
 from contracts.params import encode_params
 from services.bandits.features import policy_features
-from services.bandits.service import BanditsProcessor, BanditsSettings, build_learner
+from services.bandits.service import BanditsProcessor, build_learner
+from services.bandits.settings import BanditsSettings
 from services.common.runtime import ConsumerRuntime, Record
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
 from services.common.topics import ensure_topics

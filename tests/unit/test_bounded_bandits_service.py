@@ -22,10 +22,10 @@ from services.bandits.service import (
     OTHER_POLICY,
     RECENCY,
     BanditsProcessor,
-    BanditsSettings,
     CatalogLabels,
     build_learner,
 )
+from services.bandits.settings import BanditsSettings
 from services.common import Checkpoint, Record
 
 REDIS_MAX_BULK_BYTES = 512 * 2**20

@@ -15,7 +15,8 @@ import pytest
 from contracts.events import Impression, decode_impression, encode
 from contracts.ids import item_labels
 from services.bandits.features import policy_features
-from services.bandits.service import BanditsSettings, build_learner
+from services.bandits.service import build_learner
+from services.bandits.settings import BanditsSettings
 from services.serving.candidates import CandidateLists, ItemCatalog
 from services.serving.policies import BanditPolicy, PolicyRouter, RandomPolicy, RankRequest
 from services.serving.recommender import BadRequest, Recommender, RecommenderConfig
