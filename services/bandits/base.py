@@ -237,6 +237,9 @@ class BanditLearner(abc.ABC):
     name: ClassVar[str]
     #: Whether ``score``/``update`` need the feature matrix ``X``.
     needs_features: ClassVar[bool]
+    #: Whether the policy's features hold the candidates' item features besides the
+    #: request context (see :meth:`policy_features`).
+    uses_item_features: ClassVar[bool] = False
     #: Constructor arguments (besides ``seed``) exported as 0-d arrays in the state.
     _hyperparameters: ClassVar[tuple[str, ...]]
     #: Per-arm additive statistics exported in the state, summed by ``merge``.
@@ -298,6 +301,37 @@ class BanditLearner(abc.ABC):
     @abc.abstractmethod
     def _unit_test_params(cls) -> dict[str, Any]:
         """Small constructor arguments for the conformance suite."""
+
+    # -- the policy's feature layout -------------------------------------------------
+
+    @classmethod
+    def dimensions(cls, context_dim: int, item_dim: int) -> dict[str, int]:
+        """Constructor arguments that the policy's feature widths decide (none by default).
+
+        ``context_dim`` is the width of the request context, ``item_dim`` that of
+        the candidates' item features.
+        """
+        return {}
+
+    @classmethod
+    def policy_features(cls, context: np.ndarray, item_features: np.ndarray) -> np.ndarray:
+        """The feature matrix ``X`` of a policy's candidates, one row per candidate.
+
+        ``context`` is (c,) for every row or (n, c) per row; ``item_features`` is
+        (n, f) and decides the number of rows (pass ``np.empty((n, 0))`` when the
+        learner does not use them). Serving (scoring candidates) and the bandits
+        service (learning from feedback) both build ``X`` here, so a model never
+        sees features built one way and scored another. Every row is the request
+        context unless the learner uses item features.
+
+        >>> BanditLearner.policy_features(np.array([1.0, 2.0]), np.empty((2, 0)))
+        array([[1., 2.],
+               [1., 2.]])
+        """
+        items = np.asarray(item_features, dtype=np.float64)
+        ctx = np.asarray(context, dtype=np.float64)
+        rows = np.broadcast_to(ctx, (len(items), ctx.shape[-1])) if ctx.ndim == 1 else ctx
+        return np.array(rows, dtype=np.float64)
 
     # -- the shared interface ------------------------------------------------------
 

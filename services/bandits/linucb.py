@@ -43,6 +43,11 @@ class DisjointRidge(BanditLearner):
         self._queue_rewards = np.empty(_QUEUE_ROWS)
         self._queued = 0
 
+    @classmethod
+    def dimensions(cls, context_dim: int, item_dim: int) -> dict[str, int]:
+        """The features are the request context: ``dim`` is its width."""
+        return {"dim": context_dim}
+
     @property
     def n_features(self) -> int:
         return self.dim

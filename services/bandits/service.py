@@ -47,8 +47,7 @@ from contracts.ids import item_labels
 from contracts.keys import KeySpace
 from contracts.params import decode_params, encode_params
 from services.bandits.base import BanditLearner
-from services.bandits.features import feature_dim, policy_features, shared_dim
-from services.bandits.registry import LEARNERS, make_learner
+from services.bandits.factory import LEARNERS, learner_class, new_learner
 from services.bandits.settings import BanditsSettings
 from services.common import (
     Checkpoint,
@@ -76,20 +75,6 @@ RECENCY = ".recency"
 #: Largest checkpoint of one partition that ``max_arms`` may allow: half of the 512 MB
 #: Redis accepts in one value, leaving room for the rest of the checkpoint write.
 CHECKPOINT_BUDGET_BYTES = 256 * 2**20
-
-
-def build_learner(spec: Mapping[str, Any], settings: BanditsSettings) -> BanditLearner:
-    """A fresh learner for one policy spec (``{"learner": name, **params}``)."""
-    params = dict(spec)
-    name = params.pop("learner")
-    if name == "hybrid_linucb":
-        params["shared_dim"] = shared_dim(name, settings.context_dim, settings.item_dim)
-    return make_learner(
-        name,
-        dim=feature_dim(name, settings.context_dim, settings.item_dim),
-        seed=settings.seed,
-        **params,
-    )
 
 
 class BanditsMetrics:
@@ -212,7 +197,7 @@ class BanditsProcessor(Processor):
             if "/" in policy or policy.startswith("."):
                 raise ValueError(f"policy {policy!r}: names hold no '/' and start with no '.'")
         per_arm = sum(
-            build_learner(spec, settings).state_bytes_per_arm()
+            self._new_learner(spec, settings).state_bytes_per_arm()
             for spec in settings.policies.values()
         )
         if settings.max_arms * per_arm > CHECKPOINT_BUDGET_BYTES:
@@ -232,9 +217,15 @@ class BanditsProcessor(Processor):
         self._catalog_labels = np.empty(0, dtype=np.int64)
         self._full: set[tuple[int, str]] = set()
 
+    @staticmethod
+    def _new_learner(spec: Mapping[str, Any], settings: BanditsSettings) -> BanditLearner:
+        return new_learner(
+            spec, context_dim=settings.context_dim, item_dim=settings.item_dim, seed=settings.seed
+        )
+
     def _fresh(self) -> dict[str, BanditLearner]:
         return {
-            p: self._limited(build_learner(spec, self.settings))
+            p: self._limited(self._new_learner(spec, self.settings))
             for p, spec in self.settings.policies.items()
         }
 
@@ -304,11 +295,11 @@ class BanditsProcessor(Processor):
             context = np.array([fb.context for fb in batch], dtype=np.float64)
             item_features = (
                 np.array([fb.item_features for fb in batch], dtype=np.float64)
-                if learner.name == "hybrid_linucb"
+                if learner.uses_item_features
                 else np.empty((len(batch), 0))
             )
             rewards = np.array([fb.reward for fb in batch], dtype=np.float64)
-            X = policy_features(learner.name, context, item_features)
+            X = learner.policy_features(context, item_features)
             learner.update(item_labels([fb.item_id for fb in batch]), X, rewards)
             self._count_evictions(partition, policy, learner)
             self.metrics.updates.labels(policy).inc(len(batch))
@@ -323,8 +314,10 @@ class BanditsProcessor(Processor):
                 f"invalid: context has {len(fb.context)} features, "
                 f"expected {self.settings.context_dim}"
             )
-        hybrid = any(self.settings.policies[t]["learner"] == "hybrid_linucb" for t in targets)
-        if hybrid and len(fb.item_features) != self.settings.item_dim:
+        uses_items = any(
+            learner_class(self.settings.policies[t]["learner"]).uses_item_features for t in targets
+        )
+        if uses_items and len(fb.item_features) != self.settings.item_dim:
             return (
                 f"invalid: item_features has {len(fb.item_features)} values, "
                 f"expected {self.settings.item_dim}"

@@ -58,7 +58,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from contracts.events import MAX_SLATE, EventError, decode_json
-from services.bandits.service import build_learner
+from services.bandits.factory import new_learner
 from services.bandits.settings import BanditsSettings
 from services.common import clients
 from services.common.metrics import serve_metrics
@@ -219,7 +219,12 @@ def build_policies(
                 if store is not None
                 else None
             )
-            prior = build_learner(bandits.policies[name], bandits)
+            prior = new_learner(
+                bandits.policies[name],
+                context_dim=bandits.context_dim,
+                item_dim=bandits.item_dim,
+                seed=bandits.seed,
+            )
             policies[name] = BanditPolicy(name, prior, watcher, epsilon=settings.epsilon)
     return policies
 

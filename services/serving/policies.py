@@ -19,7 +19,6 @@ from typing import Protocol
 import numpy as np
 
 from services.bandits.base import BanditLearner
-from services.bandits.features import policy_features
 from services.paramstore import ParamWatcher
 from services.serving.slate import build_slate
 
@@ -110,7 +109,7 @@ class BanditPolicy:
 
     def rank(self, request: RankRequest, rng: np.random.Generator) -> RankedSlate:
         version, learner = self.learner()
-        X = policy_features(learner.name, request.context, request.item_features)
+        X = learner.policy_features(request.context, request.item_features)
         scores = learner.score(request.candidate_labels, X)
         slate = build_slate(scores, request.k, self.epsilon, rng)
         return RankedSlate(

@@ -34,7 +34,7 @@ from redis.cluster import RedisCluster
 
 from contracts.events import Click, Impression, encode
 from contracts.keys import KeySpace
-from services.bandits.service import build_learner
+from services.bandits.factory import new_learner
 from services.bandits.settings import BanditsSettings
 from services.paramstore import ParamStore, ParamWatcher
 from services.serving.candidates import publish_catalog
@@ -110,7 +110,15 @@ class LocalPolicies:
         for name, spec in settings.policies.items():
             watcher = ParamWatcher(store, name, poll_interval_s=0.2) if store else None
             policies[name] = BanditPolicy(
-                name, build_learner(spec, settings), watcher, epsilon=epsilon
+                name,
+                new_learner(
+                    spec,
+                    context_dim=settings.context_dim,
+                    item_dim=settings.item_dim,
+                    seed=settings.seed,
+                ),
+                watcher,
+                epsilon=epsilon,
             )
         return cls(policies, slate_size=slate_size, seed=seed)
 
