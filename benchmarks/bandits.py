@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from host import describe_host  # noqa: E402
 
-from services.bandits import LEARNERS, learner_class, top_k  # noqa: E402
+from services.bandits import LEARNERS, LinUCB, learner_class, top_k  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bandits.json"
 N_ARMS = 50
@@ -437,7 +437,7 @@ def freshness_section(args: argparse.Namespace) -> dict[str, Any]:
                     head = store.head("linucb")
                     if head is not None and head != last:
                         last = head
-                        _, header, _ = store.latest("linucb")
+                        _, header, _ = store.latest("linucb", combine=LinUCB.merge)
                         seen.append((time.time(), header["offsets"].get("fb", {})))
                 except ModelNotFound:
                     pass

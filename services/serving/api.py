@@ -71,7 +71,13 @@ from services.paramstore import ParamStore, ParamWatcher
 from services.sequences import Sequences
 from services.serving.candidates import CandidateFeed
 from services.serving.drn_policy import DRNPolicy, drn_builder
-from services.serving.policies import BanditPolicy, PolicyRouter, RandomPolicy, RankingPolicy
+from services.serving.policies import (
+    BanditPolicy,
+    PolicyRouter,
+    RandomPolicy,
+    RankingPolicy,
+    watch_learner,
+)
 from services.serving.recommender import (
     BadRequest,
     ImpressionNotLogged,
@@ -214,13 +220,20 @@ def build_policies(
                 name=name,
             )
         elif name in bandits.policies:
-            watcher: ParamWatcher[Any] | None = (
-                ParamWatcher(store, name, poll_interval_s=settings.params_poll_s, registry=registry)
+            spec = bandits.policies[name]
+            watcher = (
+                watch_learner(
+                    store,
+                    name,
+                    spec["learner"],
+                    poll_interval_s=settings.params_poll_s,
+                    registry=registry,
+                )
                 if store is not None
                 else None
             )
             prior = new_learner(
-                bandits.policies[name],
+                spec,
                 context_dim=bandits.context_dim,
                 item_dim=bandits.item_dim,
                 seed=bandits.seed,

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
-from services.bandits.base import BanditLearner
-from services.paramstore import ParamWatcher
+from services.bandits import BanditLearner, learner_class, learner_from_params
+from services.paramstore import ParamStore, ParamWatcher
 from services.serving.slate import build_slate
 
 
@@ -81,6 +82,31 @@ class RandomPolicy:
         )
 
 
+def watch_learner(
+    store: ParamStore,
+    model: str,
+    learner: str,
+    *,
+    poll_interval_s: float = 0.2,
+    registry: CollectorRegistry | None = None,
+) -> ParamWatcher[BanditLearner]:
+    """A watcher that serves the bandit learner published as ``model``, hot-reloaded.
+
+    ``learner`` names the policy's learner class (``{"learner": ...}`` of its
+    spec): its ``merge`` sums the per-partition parts the bandits service
+    publishes, and :func:`~services.bandits.learner_from_params` rebuilds the
+    learner that ``meta["learner"]`` names from the merged state.
+    """
+    return ParamWatcher(
+        store,
+        model,
+        build=learner_from_params,
+        combine=learner_class(learner).merge,
+        poll_interval_s=poll_interval_s,
+        registry=registry,
+    )
+
+
 class BanditPolicy:
     """A bandit learner hot-reloaded from the parameter store, with epsilon exploration.
 
@@ -92,7 +118,7 @@ class BanditPolicy:
         self,
         name: str,
         prior: BanditLearner,
-        watcher: ParamWatcher | None,
+        watcher: ParamWatcher[BanditLearner] | None,
         *,
         epsilon: float = 0.05,
     ) -> None:

@@ -36,7 +36,7 @@ from contracts.events import Click, Impression, encode
 from contracts.keys import KeySpace
 from services.bandits.factory import new_learner
 from services.bandits.settings import BanditsSettings
-from services.paramstore import ParamStore, ParamWatcher
+from services.paramstore import ParamStore
 from services.serving.candidates import publish_catalog
 from services.serving.policies import (
     BanditPolicy,
@@ -45,6 +45,7 @@ from services.serving.policies import (
     RankedSlate,
     RankingPolicy,
     RankRequest,
+    watch_learner,
 )
 from services.serving.recommender import impression_for
 from services.simulator.world import Request, World
@@ -108,7 +109,7 @@ class LocalPolicies:
         """The random baseline plus one hot-reloaded policy per configured bandit."""
         policies: dict[str, RankingPolicy] = {"random": RandomPolicy()}
         for name, spec in settings.policies.items():
-            watcher = ParamWatcher(store, name, poll_interval_s=0.2) if store else None
+            watcher = watch_learner(store, name, spec["learner"]) if store else None
             policies[name] = BanditPolicy(
                 name,
                 new_learner(

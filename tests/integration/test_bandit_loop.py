@@ -86,7 +86,7 @@ def _reference(feedback: list[Feedback]) -> dict[str, np.ndarray]:
 
 def _published(store: ParamStore) -> tuple[dict, dict[str, np.ndarray]] | None:
     try:
-        _, header, arrays = store.latest("linucb")
+        _, header, arrays = store.latest("linucb", combine=LinUCB.merge)
     except ModelNotFound:
         return None
     return header, arrays
