@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from host import describe_host  # noqa: E402
 
-from services.bandits import LEARNERS, make_learner, top_k  # noqa: E402
+from services.bandits import LEARNERS, LinUCB, learner_class, top_k  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bandits.json"
 N_ARMS = 50
@@ -55,11 +55,14 @@ CONTEXT_DIM = 16
 TARGET_CTR = 0.05
 BATCH = 1_000
 SEED = 20260101
+#: Width of the benchmark's feature rows: a bias column, then the context.
+FEATURES = 1 + CONTEXT_DIM
 #: Constructor arguments for each streamrec learner in this benchmark.
 LEARNER_PARAMS: dict[str, dict[str, Any]] = {
-    "linucb": {"alpha": 0.5},
-    "hybrid_linucb": {"alpha": 0.5, "shared_dim": 4},
-    "ts_linear": {"v": 0.25},
+    "linucb": {"dim": FEATURES, "alpha": 0.5},
+    # The last 4 columns are shared.
+    "hybrid_linucb": {"arm_dim": FEATURES - 4, "shared_dim": 4, "alpha": 0.5},
+    "ts_linear": {"dim": FEATURES, "v": 0.25},
     "ts_beta": {},
     "egreedy": {"epsilon": 0.05},
 }
@@ -146,7 +149,7 @@ def median_run(measure: Callable[[], Run], repeats: int) -> Run:
 
 def run_online(name: str, stream: Stream, n: int) -> Run:
     """Score all arms, select one, update with its reward: one event at a time."""
-    learner = make_learner(name, dim=stream.X.shape[1], seed=SEED, **LEARNER_PARAMS[name])
+    learner = learner_class(name)(**LEARNER_PARAMS[name], seed=SEED)
     items = np.arange(N_ARMS, dtype=np.int64)
     chosen = np.empty(n, dtype=np.int64)
     # Every candidate shares the event's context. Like a serving loop, the harness
@@ -168,7 +171,7 @@ def run_online(name: str, stream: Stream, n: int) -> Run:
 
 def run_batched(name: str, stream: Stream, n: int, batch: int = BATCH) -> Run:
     """Score a whole batch of events in one call, select per event, one update per batch."""
-    learner = make_learner(name, dim=stream.X.shape[1], seed=SEED, **LEARNER_PARAMS[name])
+    learner = learner_class(name)(**LEARNER_PARAMS[name], seed=SEED)
     items = np.arange(N_ARMS, dtype=np.int64)
     chosen = np.empty(n, dtype=np.int64)
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -434,7 +437,7 @@ def freshness_section(args: argparse.Namespace) -> dict[str, Any]:
                     head = store.head("linucb")
                     if head is not None and head != last:
                         last = head
-                        _, header, _ = store.latest("linucb")
+                        _, header, _ = store.latest("linucb", combine=LinUCB.merge)
                         seen.append((time.time(), header["offsets"].get("fb", {})))
                 except ModelNotFound:
                     pass

@@ -35,7 +35,8 @@ from host import describe_host  # noqa: E402
 from prometheus_client import CollectorRegistry  # noqa: E402
 
 from contracts.events import Click, Feedback  # noqa: E402
-from services.bandits.service import BanditsProcessor, BanditsSettings  # noqa: E402
+from services.bandits.service import BanditsProcessor  # noqa: E402
+from services.bandits.settings import BanditsSettings  # noqa: E402
 from services.common import Record  # noqa: E402
 from services.embeddings.service import EmbeddingsProcessor, EmbeddingsSettings  # noqa: E402
 

@@ -51,8 +51,8 @@ from prometheus_client import CollectorRegistry
 from contracts.events import Click, Impression
 from contracts.ids import item_labels
 from contracts.keys import KeySpace
-from services.bandits.features import policy_features
-from services.bandits.service import DEFAULT_POLICIES, BanditsSettings, build_learner
+from services.bandits.factory import new_learner
+from services.bandits.settings import DEFAULT_POLICIES, BanditsSettings
 from services.catalog import CandidateLists, ItemCatalog
 from services.common.runtime import Record
 from services.common.settings import KafkaSettings, TopicSettings
@@ -110,9 +110,11 @@ def trained_policies(ids: list[str], settings: BanditsSettings) -> dict[str, Ran
     policies: dict[str, RankingPolicy] = {"random": RandomPolicy()}
     rows = 20_000
     for name, spec in DEFAULT_POLICIES.items():
-        learner = build_learner(spec, settings)
+        learner = new_learner(
+            spec, context_dim=settings.context_dim, item_dim=settings.item_dim, seed=settings.seed
+        )
         context = rng.standard_normal((rows, settings.context_dim))
-        X = policy_features(learner.name, context, np.empty((rows, 0)))
+        X = learner.policy_features(context, np.empty((rows, 0)))
         learner.update(
             labels[rng.integers(len(labels), size=rows)], X, (rng.random(rows) < 0.1) * 1.0
         )

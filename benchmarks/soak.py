@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.host import describe_host  # noqa: E402
 from contracts.events import Click, Impression, SlateItem, decode_click, decode_impression  # noqa: E402
+from services.bandits import LinUCB  # noqa: E402
 from services.catalog import publish_catalog  # noqa: E402
 from services.common import clients  # noqa: E402
 from services.common.runtime import CONTROL_HEADER  # noqa: E402
@@ -222,7 +223,7 @@ class Freshness:
                 self.pending.append((now, ends))
                 last_probe = now
             try:
-                _, header, _ = self.store.latest("linucb")
+                _, header, _ = self.store.latest("linucb", combine=LinUCB.merge)
             except ModelNotFound:
                 time.sleep(0.05)
                 continue
@@ -444,7 +445,7 @@ def drain(ports: dict[str, int], store: ParamStore, timeout: float) -> dict[str,
     while time.monotonic() - started < timeout:
         lags = {name: lag_of(port) for name, port in ports.items()}
         try:
-            applied = int(store.latest("linucb")[2]["counts"].sum())
+            applied = int(store.latest("linucb", combine=LinUCB.merge)[2]["counts"].sum())
         except ModelNotFound:
             applied = 0
         if applied != last or any(v for v in lags.values()):
@@ -470,7 +471,7 @@ def reconcile_linucb(bootstrap: str, store: ParamStore) -> dict[str, Any]:
         clicks_in_log += 1
         if click.request_id in shown and click.item_id in shown[click.request_id]:
             clicked.add((click.request_id, click.item_id))
-    _, header, arrays = store.latest("linucb")
+    _, header, arrays = store.latest("linucb", combine=LinUCB.merge)
     updates = int(round(arrays["counts"].sum()))
     rewards = int(round(arrays["b"][:, CONTEXT_DIM - 1].sum()))  # the context's constant 1.0
     expected_updates = sum(len(items) for items in shown.values())

@@ -8,12 +8,13 @@ which ``merge`` sums across Kafka partitions.
 
 from __future__ import annotations
 
-from services.bandits.base import BanditLearner, top_k
+from services.bandits._kernels import top_k
+from services.bandits.base import BanditLearner
 from services.bandits.epsilon import EpsilonGreedy
+from services.bandits.factory import LEARNERS, learner_class, learner_from_params, new_learner
 from services.bandits.hybrid import HybridLinUCB
 from services.bandits.linear_thompson import LinearThompson
 from services.bandits.linucb import LinUCB
-from services.bandits.registry import LEARNERS, make_learner
 from services.bandits.thompson import BetaThompson
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "HybridLinUCB",
     "LinUCB",
     "LinearThompson",
-    "make_learner",
+    "learner_class",
+    "learner_from_params",
+    "new_learner",
     "top_k",
 ]

@@ -27,31 +27,17 @@ bookkeeping, not a statistic, so it is exported apart from the state
 from __future__ import annotations
 
 import abc
-import dataclasses
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Self
 
 import numpy as np
 
+from services.bandits._kernels import SlotRun, slot_run, top_k
+
 #: A learner's exported state: named plain arrays (float64 or int64 only).
 State = dict[str, np.ndarray]
 
-#: Up to this many multiply-adds, per-row forms gather one matrix per row (fewest
-#: calls); above it they are computed per arm or in chunks of this size.
-_GATHER_LIMIT = 1 << 16
-#: Large calls take the shared-context path when the (context, arm) pairs it computes
-#: are at most this many times the rows asked for.
-_SHARED_CONTEXT_DENSITY = 2
-#: Large calls loop over arms only when arms average at least this many rows.
-_MIN_ROWS_PER_ARM = 16
-#: Batched updates sum statistics in blocks of this many rows, bounding the
-#: (rows, d, d) temporary of outer products.
-UPDATE_BLOCK = 4096
-#: Outer products are summed with one matrix product per group when groups
-#: average at least this many rows.
-_MIN_ROWS_PER_GROUP = 2
 #: Lookups of at most this many items are memoised (see ``ArmTable.lookup``).
 _LOOKUP_MEMO_ROWS = 1024
 #: A full capped learner evicts ``max_arms // EVICTION_DIVISOR`` arms (at least one) at
@@ -62,197 +48,6 @@ EVICTION_DIVISOR = 16
 EVICTION_REASONS = ("probation", "cold", "catalog")
 #: The table's bookkeeping array: the learner clock at each arm's last update.
 LAST_UPDATE = "last_update"
-
-
-def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of the ``k`` highest scores along the last axis, ties broken at random.
-
-    Works on one score vector or on a stack of them (one row per decision), so a
-    batch of decisions is ranked in one call. Returns fewer than ``k`` indices
-    when there are fewer candidates.
-
-    >>> top_k(np.array([0.1, 0.9, 0.5]), 2, np.random.default_rng(0)).tolist()
-    [1, 2]
-    """
-    if k < 0:
-        raise ValueError(f"k must be non-negative, got {k}")
-    scores = np.asarray(scores, dtype=np.float64)
-    if k == 1 and scores.ndim == 1 and len(scores) > 0:
-        # One decision with a unique best row, the common online case: no draw needed.
-        best = int(scores.argmax())
-        if np.count_nonzero(scores == scores[best]) == 1:
-            return np.array([best])
-    keys = rng.random(scores.shape)
-    if k == 1 and scores.shape[-1] > 0:
-        # One pick: choose uniformly among the tied maxima without a full sort.
-        tied = scores == scores.max(axis=-1, keepdims=True)
-        return np.where(tied, keys, -1.0).argmax(axis=-1)[..., None]
-    return np.lexsort((keys, -scores), axis=-1)[..., :k]
-
-
-def group_rows(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rows grouped by arm: ``(order, arms, starts)``.
-
-    ``order`` sorts rows by slot, keeping event order within an arm; group ``g``
-    is ``order[starts[g]:starts[g + 1]]`` and belongs to slot ``arms[g]``.
-    """
-    # int32 keys sort faster, and a table never holds 2**31 arms.
-    order = np.argsort(slots.astype(np.int32), kind="stable")
-    ordered = slots[order]
-    starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]]))
-    return order, ordered[starts], starts
-
-
-def grouped_outer_sums(x: np.ndarray, z: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """``Σ x_i z_iᵀ`` over each group of consecutive rows; group ``g`` begins at ``starts[g]``.
-
-    Groups of a few rows or more take one matrix product each, which costs far
-    less than materialising every outer product; mostly single rows are summed
-    from their outer products.
-    """
-    if len(x) < _MIN_ROWS_PER_GROUP * len(starts):
-        return np.add.reduceat(x[:, :, None] * z[:, None, :], starts)
-    ends = [*starts[1:].tolist(), len(x)]
-    return np.stack([x[lo:hi].T @ z[lo:hi] for lo, hi in zip(starts.tolist(), ends, strict=True)])
-
-
-def arm_forms(
-    mats: np.ndarray, slots: np.ndarray, X: np.ndarray, run: SlotRun | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, with ``M = mats[slots[i]]`` of shape (d, m ≥ d) and ``x = X[i]``:
-    the quadratic form ``x @ M[:, :d] @ x`` (n,) and the linear forms ``x @ M[:, d:]`` (n, m - d).
-
-    ``M[:, :d]`` must be symmetric (it is ``A⁻¹``, or ``A⁻¹`` beside other terms):
-    learners keep ``[A⁻¹ | …]`` per arm, so one product per row yields the
-    exploration width and the means. Small calls gather one matrix per row.
-    Large calls where consecutive rows share a context (a batch of decisions,
-    each over a candidate set) take one matrix product over contexts × arms;
-    other large calls with many rows per arm do one product per arm, and the
-    rest gather in cache-sized chunks, so no call copies a matrix per row into
-    one huge temporary. ``run``, when given, places ``slots`` on a run of table
-    rows (:meth:`ArmTable.run_of`): small calls then read the matrices as a view
-    and gather the rows of ``X`` instead, which are far smaller.
-    """
-    n, d = X.shape
-    m = mats.shape[-1]
-    if n * d * m <= _GATHER_LIMIT:
-        return _gathered_forms(mats, slots, X, run)
-    shared = _shared_context_forms(mats, slots, X)
-    if shared is not None:
-        return shared
-    order, arms, starts = group_rows(slots)
-    if len(arms) * _MIN_ROWS_PER_ARM > n:
-        step = max(1, _GATHER_LIMIT // (d * m))
-        parts = [
-            _gathered_forms(mats, slots[i : i + step], X[i : i + step]) for i in range(0, n, step)
-        ]
-        return np.concatenate([q for q, _ in parts]), np.concatenate([lin for _, lin in parts])
-    quadratic = np.empty(n)
-    linear = np.empty((n, m - d))
-    ends = [*starts[1:].tolist(), n]
-    for arm, start, end in zip(arms.tolist(), starts.tolist(), ends, strict=True):
-        rows = order[start:end]
-        x = X[rows]
-        products = x @ mats[arm]
-        quadratic[rows] = row_dots(products[:, :d], x)
-        linear[rows] = products[:, d:]
-    return quadratic, linear
-
-
-def _shared_context_forms(
-    mats: np.ndarray, slots: np.ndarray, X: np.ndarray
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Forms for a batch of decisions whose candidates share each decision's context.
-
-    A decision's candidates are consecutive rows with the same features (the
-    context is per request). Then all (context, arm) pairs come out of two
-    matrix products, far cheaper than a product per row: the quadratic forms as
-    ``vec(x xᵀ) · vec(M)`` over the upper triangle (``M[:, :d]`` is symmetric),
-    the linear forms as ``contexts @ M[:, d:]``. Returns None when rows do not
-    repeat that way.
-    """
-    n, d = X.shape
-    m = mats.shape[-1]
-    arms = np.flatnonzero(np.bincount(slots, minlength=len(mats)))
-    runs = _context_runs(X, max_runs=_SHARED_CONTEXT_DENSITY * n // len(arms))
-    if runs is None:
-        return None
-    contexts, context_of_row = runs
-    rows, cols = np.triu_indices(d)
-    off_diagonal = np.where(rows == cols, 1.0, 2.0)
-    upper = mats[arms[:, None], rows, cols] * off_diagonal
-    quadratic = (contexts[:, rows] * contexts[:, cols]) @ upper.T
-    tails = mats[arms, :, d:].transpose(1, 0, 2).reshape(d, len(arms) * (m - d))
-    linear = (contexts @ tails).reshape(len(contexts), len(arms), m - d)
-    column = np.zeros(len(mats), dtype=np.intp)
-    column[arms] = np.arange(len(arms))
-    arm_of_row = column[slots]
-    return quadratic[context_of_row, arm_of_row], linear[context_of_row, arm_of_row]
-
-
-def _context_runs(X: np.ndarray, *, max_runs: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Runs of identical consecutive rows: ``(one row per run, run of each row)``.
-
-    Returns None when there are more than ``max_runs`` runs. Candidate run
-    boundaries come from a fixed random projection (equal rows always agree
-    on it); runs of one common length, the usual fixed-size candidate set, are
-    then verified in one comparison, and anything else is compared row by row.
-    """
-    n, d = X.shape
-    signature = X @ _projection(d)
-    changes = np.flatnonzero(signature[1:] != signature[:-1]) + 1
-    if len(changes) >= max_runs:
-        return None
-    width = int(changes[0]) if len(changes) else n
-    if n % width == 0 and np.array_equal(changes, np.arange(width, n, width)):
-        runs = X.reshape(n // width, width, d)
-        if (runs == runs[:, :1]).all():
-            return X[::width], np.arange(n) // width
-    first = np.concatenate([[True], (X[1:] != X[:-1]).any(axis=1)])
-    if np.count_nonzero(first) > max_runs:
-        return None
-    return X[first], np.cumsum(first) - 1
-
-
-@functools.cache
-def _projection(d: int) -> np.ndarray:
-    """A fixed random direction; it only proposes run boundaries, so it never alters a result."""
-    return np.random.default_rng(0x5EED).standard_normal(d)
-
-
-def _gathered_forms(
-    mats: np.ndarray, slots: np.ndarray, X: np.ndarray, run: SlotRun | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    d = X.shape[1]
-    if run is None:
-        rows = mats.take(slots, axis=0)
-    else:
-        rows = mats[run.rows]
-        if run.by_slot is not None:
-            X = X.take(run.by_slot, axis=0)
-    products = np.matmul(X[:, None, :], rows)[:, 0, :]
-    quadratic, linear = row_dots(products[:, :d], X), products[:, d:]
-    if run is not None and run.rank is not None:
-        return quadratic[run.rank], linear[run.rank]
-    return quadratic, linear
-
-
-def row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise dot products of two (n, d) real arrays."""
-    return np.vecdot(a, b)
-
-
-@dataclasses.dataclass(frozen=True)
-class SlotRun:
-    """Slots that are table rows ``rows``, each exactly once, in any order.
-
-    ``by_slot`` lists the positions of the slots in slot order, and ``rank[i]`` is
-    slot ``i``'s place in the run; both are None when the slots are in order.
-    """
-
-    rows: slice
-    by_slot: np.ndarray | None
-    rank: np.ndarray | None
 
 
 class ArmTable:
@@ -330,7 +125,7 @@ class ArmTable:
         slots.flags.writeable = False
         self._memo_key, self._memo_slots, self._memo_run = key, slots, None
         if key is not None and len(slots):
-            self._memo_run = _slot_run(slots)
+            self._memo_run = slot_run(slots)
         return slots
 
     def run_of(self, slots: np.ndarray) -> SlotRun | None:
@@ -415,22 +210,6 @@ class ArmTable:
             self.arrays[name][start : start + len(labels)] = values
 
 
-def _slot_run(slots: np.ndarray) -> SlotRun | None:
-    """``slots`` as a :class:`SlotRun`, or None if they are not one run of rows, each once."""
-    n = len(slots)
-    start = int(slots.min())
-    if int(slots.max()) - start + 1 != n:
-        return None
-    rank = slots - start
-    by_slot = np.argsort(rank)
-    in_run = np.arange(n)
-    if not np.array_equal(rank[by_slot], in_run):
-        return None  # a repeated slot leaves a gap elsewhere
-    if np.array_equal(by_slot, in_run):
-        return SlotRun(slice(start, start + n), None, None)
-    return SlotRun(slice(start, start + n), by_slot, rank)
-
-
 class BanditLearner(abc.ABC):
     """A bandit policy that scores candidate rows and learns from batched rewards.
 
@@ -458,6 +237,9 @@ class BanditLearner(abc.ABC):
     name: ClassVar[str]
     #: Whether ``score``/``update`` need the feature matrix ``X``.
     needs_features: ClassVar[bool]
+    #: Whether the policy's features hold the candidates' item features besides the
+    #: request context (see :meth:`policy_features`).
+    uses_item_features: ClassVar[bool] = False
     #: Constructor arguments (besides ``seed``) exported as 0-d arrays in the state.
     _hyperparameters: ClassVar[tuple[str, ...]]
     #: Per-arm additive statistics exported in the state, summed by ``merge``.
@@ -519,6 +301,37 @@ class BanditLearner(abc.ABC):
     @abc.abstractmethod
     def _unit_test_params(cls) -> dict[str, Any]:
         """Small constructor arguments for the conformance suite."""
+
+    # -- the policy's feature layout -------------------------------------------------
+
+    @classmethod
+    def dimensions(cls, context_dim: int, item_dim: int) -> dict[str, int]:
+        """Constructor arguments that the policy's feature widths decide (none by default).
+
+        ``context_dim`` is the width of the request context, ``item_dim`` that of
+        the candidates' item features.
+        """
+        return {}
+
+    @classmethod
+    def policy_features(cls, context: np.ndarray, item_features: np.ndarray) -> np.ndarray:
+        """The feature matrix ``X`` of a policy's candidates, one row per candidate.
+
+        ``context`` is (c,) for every row or (n, c) per row; ``item_features`` is
+        (n, f) and decides the number of rows (pass ``np.empty((n, 0))`` when the
+        learner does not use them). Serving (scoring candidates) and the bandits
+        service (learning from feedback) both build ``X`` here, so a model never
+        sees features built one way and scored another. Every row is the request
+        context unless the learner uses item features.
+
+        >>> BanditLearner.policy_features(np.array([1.0, 2.0]), np.empty((2, 0)))
+        array([[1., 2.],
+               [1., 2.]])
+        """
+        items = np.asarray(item_features, dtype=np.float64)
+        ctx = np.asarray(context, dtype=np.float64)
+        rows = np.broadcast_to(ctx, (len(items), ctx.shape[-1])) if ctx.ndim == 1 else ctx
+        return np.array(rows, dtype=np.float64)
 
     # -- the shared interface ------------------------------------------------------
 

@@ -22,16 +22,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from services.bandits.base import (
+from services.bandits._kernels import (
     UPDATE_BLOCK,
-    BanditLearner,
     arm_forms,
-    dimension,
     group_rows,
     grouped_outer_sums,
-    positive,
     row_dots,
 )
+from services.bandits.base import BanditLearner, dimension, positive
 
 
 class HybridLinUCB(BanditLearner):
@@ -53,6 +51,7 @@ class HybridLinUCB(BanditLearner):
 
     name: ClassVar[str] = "hybrid_linucb"
     needs_features: ClassVar[bool] = True
+    uses_item_features: ClassVar[bool] = True
     _hyperparameters: ClassVar[tuple[str, ...]] = ("arm_dim", "shared_dim", "alpha", "ridge")
     _arm_statistics: ClassVar[tuple[str, ...]] = ("gram", "cross", "b", "counts")
     _global_statistics: ClassVar[tuple[str, ...]] = ("shared_gram", "shared_b")
@@ -76,6 +75,27 @@ class HybridLinUCB(BanditLearner):
         self._beta = np.zeros(k)
         self._stale = False
         super().__init__(seed=seed)
+
+    @classmethod
+    def dimensions(cls, context_dim: int, item_dim: int) -> dict[str, int]:
+        """Per-arm features are the context; shared ones its outer product with the item's."""
+        return {"arm_dim": context_dim, "shared_dim": context_dim * item_dim}
+
+    @classmethod
+    def policy_features(cls, context: np.ndarray, item_features: np.ndarray) -> np.ndarray:
+        """``[context, vec(context ⊗ item_features)]`` per candidate.
+
+        The per-arm features are the request context; the shared features are the
+        outer product of user context and item features, as in Li et al. (2010).
+
+        >>> HybridLinUCB.policy_features(np.array([1.0, 2.0]), np.array([[1.0], [0.5]]))
+        array([[1. , 2. , 1. , 2. ],
+               [1. , 2. , 0.5, 1. ]])
+        """
+        rows = super().policy_features(context, item_features)
+        items = np.asarray(item_features, dtype=np.float64)
+        outer = rows[:, :, None] * items[:, None, :]
+        return np.concatenate([rows, outer.reshape(len(items), -1)], axis=1)
 
     @property
     def n_features(self) -> int:

@@ -11,16 +11,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from services.bandits.base import (
-    UPDATE_BLOCK,
-    BanditLearner,
-    State,
-    arm_forms,
-    dimension,
-    group_rows,
-    grouped_outer_sums,
-    positive,
-)
+from services.bandits._kernels import UPDATE_BLOCK, arm_forms, group_rows, grouped_outer_sums
+from services.bandits.base import BanditLearner, State, dimension, positive
 
 #: Online updates queue this many events before summing them into the statistics.
 _QUEUE_ROWS = 256
@@ -50,6 +42,11 @@ class DisjointRidge(BanditLearner):
         self._queue_x = np.empty((_QUEUE_ROWS, self.dim))
         self._queue_rewards = np.empty(_QUEUE_ROWS)
         self._queued = 0
+
+    @classmethod
+    def dimensions(cls, context_dim: int, item_dim: int) -> dict[str, int]:
+        """The features are the request context: ``dim`` is its width."""
+        return {"dim": context_dim}
 
     @property
     def n_features(self) -> int:

@@ -35,13 +35,11 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.cluster import RedisCluster
 
 from contracts.events import Feedback, decode_feedback
@@ -49,8 +47,8 @@ from contracts.ids import item_labels
 from contracts.keys import KeySpace
 from contracts.params import decode_params, encode_params
 from services.bandits.base import BanditLearner
-from services.bandits.features import feature_dim, policy_features, shared_dim
-from services.bandits.registry import LEARNERS, make_learner
+from services.bandits.factory import LEARNERS, learner_class, new_learner
+from services.bandits.settings import BanditsSettings
 from services.common import (
     Checkpoint,
     Context,
@@ -64,12 +62,6 @@ from services.paramstore import ParamStore, StalePublish
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLICIES: dict[str, dict[str, Any]] = {
-    "linucb": {"learner": "linucb", "alpha": 0.5},
-    "ts": {"learner": "ts_linear", "v": 0.1},
-    "ts_beta": {"learner": "ts_beta"},
-    "egreedy": {"learner": "egreedy", "epsilon": 0.1},
-}
 #: The metric label of a policy name that is neither configured nor known.
 OTHER_POLICY = "other"
 #: Checkpoint arrays named ``RECENCY/<policy>`` hold a learner's eviction order.
@@ -77,58 +69,6 @@ RECENCY = ".recency"
 #: Largest checkpoint of one partition that ``max_arms`` may allow: half of the 512 MB
 #: Redis accepts in one value, leaving room for the rest of the checkpoint write.
 CHECKPOINT_BUDGET_BYTES = 256 * 2**20
-
-
-class BanditsSettings(BaseSettings):
-    """Bandits service settings (``STREAMREC_BANDITS_*``)."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="STREAMREC_BANDITS_", env_file=".env", extra="ignore"
-    )
-
-    group: str = "bandits"
-    """``STREAMREC_BANDITS_GROUP``: consumer group and checkpoint namespace."""
-    policies: dict[str, dict[str, Any]] = Field(default_factory=lambda: dict(DEFAULT_POLICIES))
-    """``STREAMREC_BANDITS_POLICIES``: JSON ``{"policy": {"learner": name, **params}}``."""
-    context_dim: int = Field(9, ge=1)
-    """``STREAMREC_BANDITS_CONTEXT_DIM``: length of Impression.context."""
-    item_dim: int = Field(8, ge=0)
-    """``STREAMREC_BANDITS_ITEM_DIM``: length of SlateItem.features (hybrid LinUCB)."""
-    learn_from: Literal["own", "all"] = "own"
-    """``STREAMREC_BANDITS_LEARN_FROM``: each policy learns from its own traffic, or from all."""
-    publish_interval_s: float = Field(0.25, gt=0)
-    """``STREAMREC_BANDITS_PUBLISH_INTERVAL_S``: checkpoint + publish this often."""
-    seed: int = 0
-    """``STREAMREC_BANDITS_SEED``."""
-    max_arms: int = Field(100_000, ge=1)
-    """``STREAMREC_BANDITS_MAX_ARMS``: arms each learner (policy × partition) holds at most;
-    a full one evicts a sixteenth of them, coldest first (see the module doc). An arm of
-    the default policies takes 1,552 bytes of checkpoint (744 for each LinUCB and linear
-    TS arm with 9 context features), 148 MiB per partition at 100k; a value whose
-    checkpoint could pass 256 MiB is refused at start."""
-    admit_after: int = Field(2, ge=1)
-    """``STREAMREC_BANDITS_ADMIT_AFTER``: an arm of an item outside the catalog is on
-    probation, evicted before any other, until it has had this many updates."""
-    catalog_refresh_s: float = Field(5.0, gt=0)
-    """``STREAMREC_BANDITS_CATALOG_REFRESH_S``: how often the catalog version is checked."""
-    known_policies: list[str] = Field(default_factory=lambda: ["random", "drn"])
-    """``STREAMREC_BANDITS_KNOWN_POLICIES``: policies served by others (the random baseline,
-    DRN) whose feedback is ignored here under their own metric label; other names are
-    counted as ``other``."""
-
-
-def build_learner(spec: Mapping[str, Any], settings: BanditsSettings) -> BanditLearner:
-    """A fresh learner for one policy spec (``{"learner": name, **params}``)."""
-    params = dict(spec)
-    name = params.pop("learner")
-    if name == "hybrid_linucb":
-        params["shared_dim"] = shared_dim(name, settings.context_dim, settings.item_dim)
-    return make_learner(
-        name,
-        dim=feature_dim(name, settings.context_dim, settings.item_dim),
-        seed=settings.seed,
-        **params,
-    )
 
 
 class BanditsMetrics:
@@ -251,7 +191,7 @@ class BanditsProcessor(Processor):
             if "/" in policy or policy.startswith("."):
                 raise ValueError(f"policy {policy!r}: names hold no '/' and start with no '.'")
         per_arm = sum(
-            build_learner(spec, settings).state_bytes_per_arm()
+            self._new_learner(spec, settings).state_bytes_per_arm()
             for spec in settings.policies.values()
         )
         if settings.max_arms * per_arm > CHECKPOINT_BUDGET_BYTES:
@@ -271,9 +211,15 @@ class BanditsProcessor(Processor):
         self._catalog_labels = np.empty(0, dtype=np.int64)
         self._full: set[tuple[int, str]] = set()
 
+    @staticmethod
+    def _new_learner(spec: Mapping[str, Any], settings: BanditsSettings) -> BanditLearner:
+        return new_learner(
+            spec, context_dim=settings.context_dim, item_dim=settings.item_dim, seed=settings.seed
+        )
+
     def _fresh(self) -> dict[str, BanditLearner]:
         return {
-            p: self._limited(build_learner(spec, self.settings))
+            p: self._limited(self._new_learner(spec, self.settings))
             for p, spec in self.settings.policies.items()
         }
 
@@ -343,11 +289,11 @@ class BanditsProcessor(Processor):
             context = np.array([fb.context for fb in batch], dtype=np.float64)
             item_features = (
                 np.array([fb.item_features for fb in batch], dtype=np.float64)
-                if learner.name == "hybrid_linucb"
+                if learner.uses_item_features
                 else np.empty((len(batch), 0))
             )
             rewards = np.array([fb.reward for fb in batch], dtype=np.float64)
-            X = policy_features(learner.name, context, item_features)
+            X = learner.policy_features(context, item_features)
             learner.update(item_labels([fb.item_id for fb in batch]), X, rewards)
             self._count_evictions(partition, policy, learner)
             self.metrics.updates.labels(policy).inc(len(batch))
@@ -362,8 +308,10 @@ class BanditsProcessor(Processor):
                 f"invalid: context has {len(fb.context)} features, "
                 f"expected {self.settings.context_dim}"
             )
-        hybrid = any(self.settings.policies[t]["learner"] == "hybrid_linucb" for t in targets)
-        if hybrid and len(fb.item_features) != self.settings.item_dim:
+        uses_items = any(
+            learner_class(self.settings.policies[t]["learner"]).uses_item_features for t in targets
+        )
+        if uses_items and len(fb.item_features) != self.settings.item_dim:
             return (
                 f"invalid: item_features has {len(fb.item_features)} values, "
                 f"expected {self.settings.item_dim}"
@@ -444,9 +392,11 @@ class BanditsProcessor(Processor):
 
 def _processor(wiring: Wiring[BanditsSettings]) -> BanditsProcessor:
     settings = wiring.settings
-    store = ParamStore(wiring.redis_client(), keys=wiring.redis.keys(), registry=wiring.registry)
+    store = ParamStore(
+        wiring.redis_client(), keys=wiring.redis_settings.keys(), registry=wiring.registry
+    )
     catalog = CatalogLabels(
-        wiring.redis_client(), wiring.redis.keys(), refresh_s=settings.catalog_refresh_s
+        wiring.redis_client(), wiring.redis_settings.keys(), refresh_s=settings.catalog_refresh_s
     )
     return BanditsProcessor(settings, store, wiring.registry, catalog)
 

@@ -77,13 +77,13 @@ class Wiring(Generic[S]):
     settings: S
     registry: CollectorRegistry
     kafka: KafkaSettings
-    redis: RedisSettings
+    redis_settings: RedisSettings
     topics: TopicSettings
     runtime: RuntimeSettings
 
     def redis_client(self) -> redis.Redis | RedisCluster:
         """A client for the service's Redis (one per call)."""
-        return clients.redis_client(self.redis)
+        return clients.redis_client(self.redis_settings)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def wire(
         settings=settings,
         registry=registry,
         kafka=kafka or with_defaults(KafkaSettings(), spec.kafka_defaults(settings)),
-        redis=redis_settings or RedisSettings(),
+        redis_settings=redis_settings or RedisSettings(),
         topics=topics or TopicSettings(),
         runtime=runtime or with_defaults(RuntimeSettings(), spec.runtime_defaults(settings)),
     )
@@ -142,7 +142,7 @@ def build_runtime(
         inputs=spec.inputs(wiring.topics),
         processor=spec.make_processor(wiring),
         kafka=wiring.kafka,
-        redis_settings=wiring.redis,
+        redis_settings=wiring.redis_settings,
         topics=wiring.topics,
         settings=wiring.runtime,
         registry=registry,

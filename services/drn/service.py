@@ -302,7 +302,9 @@ class DRNProcessor(Processor):
 
 
 def _processor(wiring: Wiring[DRNSettings]) -> DRNProcessor:
-    store = ParamStore(wiring.redis_client(), keys=wiring.redis.keys(), registry=wiring.registry)
+    store = ParamStore(
+        wiring.redis_client(), keys=wiring.redis_settings.keys(), registry=wiring.registry
+    )
     return DRNProcessor(wiring.settings, store, wiring.registry)
 
 

@@ -542,7 +542,7 @@ def _processor(wiring: Wiring[EmbeddingsSettings]) -> EmbeddingsProcessor:
     settings = wiring.settings
     publisher = SnapshotPublisher(
         client=wiring.redis_client(),
-        keys=wiring.redis.keys(),
+        keys=wiring.redis_settings.keys(),
         store=SnapshotStore(settings.snapshot_dir, keep=settings.keep_snapshots),
         index_name=settings.index_name,
         spec=IndexSpec(kind=settings.index_kind),

@@ -23,10 +23,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from services.bandits import LEARNERS, BanditLearner, new_learner
 from services.simulator.world import World, WorldConfig
 
 #: Names accepted by :func:`make_policy`: the bandit learners plus the random baseline.
-POLICY_NAMES = ("linucb", "hybrid_linucb", "ts_beta", "ts_linear", "egreedy", "random")
+POLICY_NAMES = (*LEARNERS, "random")
 
 
 class SlatePolicy(Protocol):
@@ -79,20 +80,18 @@ class UniformRandomPolicy:
 class LearnerPolicy:
     """Adapts a ``services.bandits`` learner (arrays of rows) to :class:`SlatePolicy`.
 
-    The feature matrix is built by ``services.bandits.features.policy_features``,
-    exactly as the bandits service and serving build it, so a policy evaluated
-    here is the model that runs in production.
+    The feature matrix is built by the learner's ``policy_features``, exactly as
+    the bandits service and serving build it, so a policy evaluated here is the
+    model that runs in production.
     """
 
-    def __init__(self, learner: Any) -> None:
+    def __init__(self, learner: BanditLearner) -> None:
         self.learner = learner
 
     def _X(self, context: np.ndarray, item_features: np.ndarray) -> np.ndarray | None:
         if not self.learner.needs_features:
             return None
-        from services.bandits.features import policy_features
-
-        return policy_features(self.learner.name, context, item_features)
+        return self.learner.policy_features(context, item_features)
 
     def select(
         self, context: np.ndarray, items: np.ndarray, item_features: np.ndarray, k: int
@@ -116,7 +115,8 @@ def make_policy(
 ) -> SlatePolicy:
     """A fresh policy by name: one of :data:`POLICY_NAMES`, learners with default settings.
 
-    Feature widths follow ``services.bandits.features``: disjoint learners see
+    Feature widths follow each learner's feature layout
+    (:meth:`~services.bandits.BanditLearner.policy_features`): disjoint learners see
     ``x = context``; ``hybrid_linucb`` sees the context plus its outer product with
     the item features as shared columns (Li et al., WWW 2010).
     """
@@ -124,13 +124,8 @@ def make_policy(
         return UniformRandomPolicy(seed=seed)
     if name not in POLICY_NAMES:
         raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
-    from services.bandits import make_learner
-    from services.bandits.features import feature_dim, shared_dim
-
-    if name == "hybrid_linucb":
-        params["shared_dim"] = shared_dim(name, context_dim, item_dim)
-    dim = feature_dim(name, context_dim, item_dim)
-    return LearnerPolicy(make_learner(name, dim=dim, seed=seed, **params))
+    spec = {"learner": name, **params}
+    return LearnerPolicy(new_learner(spec, context_dim=context_dim, item_dim=item_dim, seed=seed))
 
 
 def policy_rng(seed: int, name: str) -> np.random.Generator:

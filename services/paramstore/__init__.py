@@ -15,7 +15,6 @@ from services.paramstore.store import (
     ParamStore,
     ParamStoreSettings,
     StalePublish,
-    build_learner,
     combine_parts,
     param_metrics,
 )
@@ -30,7 +29,6 @@ __all__ = [
     "ParamWatcher",
     "StalePublish",
     "build_default",
-    "build_learner",
     "combine_parts",
     "param_metrics",
 ]

@@ -56,7 +56,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import numpy as np
 import redis
@@ -71,9 +71,6 @@ from contracts.params import ParamError, ParamSet, decode_params, verify_params
 from services.common.clients import redis_client, redis_from_url
 from services.common.metrics import LATENCY_BUCKETS
 from services.common.settings import RedisSettings
-
-if TYPE_CHECKING:
-    from services.bandits import BanditLearner
 
 log = logging.getLogger(__name__)
 
@@ -698,11 +695,6 @@ class ParamStore:
         header["digest"] = digest
         return version, header, arrays
 
-    def learner(self, model: str, *, seed: int | None = None) -> tuple[int, BanditLearner]:
-        """The current version of a bandit model as a ready learner (parts merged)."""
-        version, header, arrays = self.latest(model)
-        return version, build_learner(version, header, arrays, seed=seed)
-
     def _load(self, model: str) -> tuple[int, str, dict[str, ParamSet]]:
         _check_name("model", model)
         reply = self._read(
@@ -760,9 +752,11 @@ def combine_parts(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One header and one set of arrays from the parts of a version.
 
-    One part is returned as is. Several parts are combined by ``combine`` (called
-    with the parts' arrays in part-name order) or, without one, by the ``merge``
-    of the bandit learner every part names in ``meta["learner"]``.
+    One part is returned as is. Several parts are combined by ``combine``, called
+    with the parts' arrays in part-name order; the reader passes it, because only
+    it knows what the arrays are (a bandit learner's ``merge`` sums per-partition
+    statistics). Without one, a version of several parts raises
+    :class:`~contracts.params.ParamError`.
 
     The header holds ``model``, ``version`` (the store's version), ``parts``
     (the part names), ``offsets`` (the union of the parts' offsets; two parts may
@@ -795,43 +789,8 @@ def combine_parts(
     if len(sets) == 1:
         return header, dict(sets[0].arrays)
     if combine is None:
-        learners = {p.meta.get("learner") for p in sets}
-        if len(learners) != 1 or None in learners:
-            raise ParamError(
-                f"model {model!r} v{version} has parts {names} but they do not all name one "
-                f"bandit learner in meta['learner'] (found {sorted(map(str, learners))}); "
-                "pass combine="
-            )
-        combine = _learner_class(str(learners.pop())).merge
+        raise ParamError(f"model {model!r} v{version} has parts {names}: pass combine=")
     return header, dict(combine([dict(p.arrays) for p in sets]))
-
-
-def build_learner(
-    version: int,
-    header: Mapping[str, Any],
-    arrays: Mapping[str, np.ndarray],
-    *,
-    seed: int | None = None,
-) -> BanditLearner:
-    """A bandit learner from combined parameters whose ``meta["learner"]`` names its class."""
-    name = header.get("meta", {}).get("learner")
-    if name is None:
-        raise ParamError(f"model {header.get('model')!r} v{version} names no bandit learner")
-    try:
-        return _learner_class(str(name)).from_state(arrays, seed=seed)
-    except ValueError as exc:
-        if isinstance(exc, ParamError):
-            raise
-        raise ParamError(f"model {header.get('model')!r} v{version}: {exc}") from None
-
-
-def _learner_class(name: str) -> Any:
-    # Imported here: readers of non-bandit models need not import the learners.
-    from services.bandits import LEARNERS
-
-    if name not in LEARNERS:
-        raise ParamError(f"unknown bandit learner {name!r}; known: {sorted(LEARNERS)}")
-    return LEARNERS[name]
 
 
 def _union_offsets(

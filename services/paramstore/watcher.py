@@ -36,7 +36,6 @@ from services.paramstore.store import (
     ModelNotFound,
     ParamStore,
     _check_name,
-    build_learner,
     param_metrics,
 )
 
@@ -48,10 +47,10 @@ T = TypeVar("T")
 Builder = Callable[[int, dict[str, Any], dict[str, np.ndarray]], T]
 
 
-def build_default(version: int, header: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
-    """The learner named by ``meta["learner"]`` if there is one, else ``(header, arrays)``."""
-    if "learner" in header["meta"]:
-        return build_learner(version, header, arrays)
+def build_default(
+    version: int, header: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(header, arrays)`` as loaded: the serving object when no ``build`` is given."""
     return header, arrays
 
 

@@ -157,7 +157,7 @@ def _processor(wiring: Wiring[SequencesSettings]) -> SequencesProcessor:
     settings = wiring.settings
     store = SequenceStore(
         wiring.redis_client(),
-        keys=wiring.redis.keys(),
+        keys=wiring.redis_settings.keys(),
         max_len=settings.max_len,
         ttl_s=settings.ttl_s,
     )

@@ -58,7 +58,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from contracts.events import MAX_SLATE, EventError, decode_json
-from services.bandits.service import BanditsSettings, build_learner
+from services.bandits.factory import new_learner
+from services.bandits.settings import BanditsSettings
 from services.catalog import CandidateFeed
 from services.common import clients, logs
 from services.common.metrics import serve_metrics
@@ -70,7 +71,13 @@ from services.index.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES
 from services.paramstore import ParamStore, ParamWatcher
 from services.sequences import Sequences
 from services.serving.drn_policy import DRNPolicy, drn_builder
-from services.serving.policies import BanditPolicy, PolicyRouter, RandomPolicy, RankingPolicy
+from services.serving.policies import (
+    BanditPolicy,
+    PolicyRouter,
+    RandomPolicy,
+    RankingPolicy,
+    watch_learner,
+)
 from services.serving.recommender import (
     BadRequest,
     ImpressionNotLogged,
@@ -213,12 +220,24 @@ def build_policies(
                 name=name,
             )
         elif name in bandits.policies:
-            watcher: ParamWatcher[Any] | None = (
-                ParamWatcher(store, name, poll_interval_s=settings.params_poll_s, registry=registry)
+            spec = bandits.policies[name]
+            watcher = (
+                watch_learner(
+                    store,
+                    name,
+                    spec["learner"],
+                    poll_interval_s=settings.params_poll_s,
+                    registry=registry,
+                )
                 if store is not None
                 else None
             )
-            prior = build_learner(bandits.policies[name], bandits)
+            prior = new_learner(
+                spec,
+                context_dim=bandits.context_dim,
+                item_dim=bandits.item_dim,
+                seed=bandits.seed,
+            )
             policies[name] = BanditPolicy(name, prior, watcher, epsilon=settings.epsilon)
     return policies
 

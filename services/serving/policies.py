@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
-from services.bandits.base import BanditLearner
-from services.bandits.features import policy_features
-from services.paramstore import ParamWatcher
+from services.bandits import BanditLearner, learner_class, learner_from_params
+from services.paramstore import ParamStore, ParamWatcher
 from services.serving.slate import build_slate
 
 
@@ -82,6 +82,31 @@ class RandomPolicy:
         )
 
 
+def watch_learner(
+    store: ParamStore,
+    model: str,
+    learner: str,
+    *,
+    poll_interval_s: float = 0.2,
+    registry: CollectorRegistry | None = None,
+) -> ParamWatcher[BanditLearner]:
+    """A watcher that serves the bandit learner published as ``model``, hot-reloaded.
+
+    ``learner`` names the policy's learner class (``{"learner": ...}`` of its
+    spec): its ``merge`` sums the per-partition parts the bandits service
+    publishes, and :func:`~services.bandits.learner_from_params` rebuilds the
+    learner that ``meta["learner"]`` names from the merged state.
+    """
+    return ParamWatcher(
+        store,
+        model,
+        build=learner_from_params,
+        combine=learner_class(learner).merge,
+        poll_interval_s=poll_interval_s,
+        registry=registry,
+    )
+
+
 class BanditPolicy:
     """A bandit learner hot-reloaded from the parameter store, with epsilon exploration.
 
@@ -93,7 +118,7 @@ class BanditPolicy:
         self,
         name: str,
         prior: BanditLearner,
-        watcher: ParamWatcher | None,
+        watcher: ParamWatcher[BanditLearner] | None,
         *,
         epsilon: float = 0.05,
     ) -> None:
@@ -110,7 +135,7 @@ class BanditPolicy:
 
     def rank(self, request: RankRequest, rng: np.random.Generator) -> RankedSlate:
         version, learner = self.learner()
-        X = policy_features(learner.name, request.context, request.item_features)
+        X = learner.policy_features(request.context, request.item_features)
         scores = learner.score(request.candidate_labels, X)
         slate = build_slate(scores, request.k, self.epsilon, rng)
         return RankedSlate(

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.bandits.base import top_k
+from services.bandits import top_k
 
 
 @dataclass(frozen=True, slots=True)

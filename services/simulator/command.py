@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 
-from services.bandits.service import BanditsSettings
+from services.bandits.settings import BanditsSettings
 from services.common import clients, logs
 from services.common.settings import KafkaSettings, RedisSettings, TopicSettings
 from services.gateway.sdk import EventProducer

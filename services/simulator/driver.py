@@ -34,9 +34,10 @@ from redis.cluster import RedisCluster
 
 from contracts.events import Click, Impression, encode
 from contracts.keys import KeySpace
-from services.bandits.service import BanditsSettings, build_learner
+from services.bandits.factory import new_learner
+from services.bandits.settings import BanditsSettings
 from services.catalog import publish_catalog
-from services.paramstore import ParamStore, ParamWatcher
+from services.paramstore import ParamStore
 from services.serving.policies import (
     BanditPolicy,
     PolicyRouter,
@@ -44,6 +45,7 @@ from services.serving.policies import (
     RankedSlate,
     RankingPolicy,
     RankRequest,
+    watch_learner,
 )
 from services.serving.recommender import impression_for
 from services.simulator.world import Request, World
@@ -107,9 +109,17 @@ class LocalPolicies:
         """The random baseline plus one hot-reloaded policy per configured bandit."""
         policies: dict[str, RankingPolicy] = {"random": RandomPolicy()}
         for name, spec in settings.policies.items():
-            watcher = ParamWatcher(store, name, poll_interval_s=0.2) if store else None
+            watcher = watch_learner(store, name, spec["learner"]) if store else None
             policies[name] = BanditPolicy(
-                name, build_learner(spec, settings), watcher, epsilon=epsilon
+                name,
+                new_learner(
+                    spec,
+                    context_dim=settings.context_dim,
+                    item_dim=settings.item_dim,
+                    seed=settings.seed,
+                ),
+                watcher,
+                epsilon=epsilon,
             )
         return cls(policies, slate_size=slate_size, seed=seed)
 

@@ -86,7 +86,7 @@ def _reference(feedback: list[Feedback]) -> dict[str, np.ndarray]:
 
 def _published(store: ParamStore) -> tuple[dict, dict[str, np.ndarray]] | None:
     try:
-        _, header, arrays = store.latest("linucb")
+        _, header, arrays = store.latest("linucb", combine=LinUCB.merge)
     except ModelNotFound:
         return None
     return header, arrays
@@ -531,7 +531,8 @@ def test_the_catalog_published_for_serving_protects_its_arms_in_the_bandits_serv
 ):
     from prometheus_client import CollectorRegistry as Registry
 
-    from services.bandits.service import BanditsProcessor, BanditsSettings, CatalogLabels
+    from services.bandits.service import BanditsProcessor, CatalogLabels
+    from services.bandits.settings import BanditsSettings
     from services.catalog import publish_catalog
     from services.common import Record
 

@@ -27,7 +27,8 @@ from kafka import KafkaConsumer, TopicPartition
 from contracts.events import decode_feedback
 from contracts.keys import KeySpace
 from services.common.topics import ensure_topics
-from services.paramstore import ModelNotFound, ParamStore, ParamWatcher
+from services.paramstore import ModelNotFound, ParamStore
+from services.serving.policies import watch_learner
 from services.stack.kafka import start_broker
 from services.stack.servers import start_redis
 from tests.integration.processes import ServiceProcess, wait_for
@@ -168,7 +169,9 @@ def test_redis_restart_with_persistence_resumes_and_readers_keep_the_last_params
     half = len(feedback) // 2
     env = _env(kafka_bootstrap, server.url, keys, unique_name("bandits"), **topics)
     bandits = ServiceProcess("bandits", env, tmp_path / "b.log").start()
-    watcher = ParamWatcher(ParamStore(redis.Redis.from_url(server.url), keys=keys), "linucb")
+    watcher = watch_learner(
+        ParamStore(redis.Redis.from_url(server.url), keys=keys), "linucb", "linucb"
+    )
     try:
         _produce(kafka_bootstrap, topics["feedback"], feedback[:half])
         wait_for(lambda: _applied(store) == half, 90, "the first half applied")

@@ -16,9 +16,10 @@ from redis.retry import Retry
 
 from contracts.keys import KeySpace
 from contracts.params import ParamError, encode_params
-from services.bandits import LinUCB
+from services.bandits import LinUCB, learner_from_params
 from services.common.settings import RedisSettings
 from services.paramstore import ModelNotFound, ParamStore, ParamWatcher
+from services.serving.policies import watch_learner
 from services.stack.servers import start_redis
 
 pytestmark = pytest.mark.integration
@@ -227,14 +228,14 @@ def test_linucb_split_across_partitions_merges_to_one_learner(
                 )
             },
         )
-    version, header, arrays = store.latest(model)
+    version, header, arrays = store.latest(model, combine=LinUCB.merge)
     assert version == 2 and header["meta"] == {"learner": "linucb"}
     assert header["offsets"] == {"feedback": {0: 50, 1: 120}}
     expected = whole.state()
     assert sorted(arrays) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(arrays[name], value, rtol=1e-12, err_msg=name)
-    version, merged = store.learner(model, seed=1)
+    merged = learner_from_params(version, header, arrays, seed=1)
     probe = rng.normal(size=(6, 3))
     np.testing.assert_allclose(
         merged.score(np.arange(6), probe), whole.score(np.arange(6), probe), rtol=1e-9
@@ -260,12 +261,12 @@ def test_watcher_swaps_in_new_versions(store: ParamStore, model: str) -> None:
         assert age is not None and age >= 0
 
 
-def test_watcher_builds_bandit_learners_by_default(store: ParamStore, model: str) -> None:
+def test_watched_learner_is_built_from_its_parts(store: ParamStore, model: str) -> None:
     learner = LinUCB(dim=2, seed=0)
     learner.update(np.array([4, 5]), np.eye(2), np.array([1.0, 0.0]))
     state = encode_params(model, 1, learner.state(), meta={"learner": "linucb"})
     store.publish(model, {"p0": state})
-    with ParamWatcher(store, model, poll_interval_s=0.05) as watcher:
+    with watch_learner(store, model, "linucb", poll_interval_s=0.05) as watcher:
         version, served = watcher.wait_ready(timeout=30)
     assert version == 1 and isinstance(served, LinUCB)
     assert served.state()["items"].tolist() == [4, 5]

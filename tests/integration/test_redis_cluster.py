@@ -28,7 +28,7 @@ from redis.utils import str_if_bytes
 from contracts.events import Click
 from contracts.keys import KeySpace
 from contracts.params import encode_params
-from services.bandits import LinUCB
+from services.bandits import LinUCB, learner_from_params
 from services.catalog import CandidateFeed, publish_catalog, write_ranked
 from services.common.checkpoint import Checkpoint, CheckpointStore, Fenced
 from services.common.clients import REDIS_ERRORS, redis_client, redis_from_url
@@ -253,10 +253,10 @@ def test_paramstore_publish_then_latest_and_learner_read_on_every_master(
             state = encode_params(model, 1, part.state(), meta={"learner": "linucb"})
             assert store.publish(model, {f"p{partition}": state}) == partition + 1
         assert store.versions(model) == [1, 2]
-        version, header, _ = store.latest(model)
+        version, header, arrays = store.latest(model, combine=LinUCB.merge)
         assert version == 2 and header["parts"] == ["p0", "p1"]
         assert store.head(model) == (2, header["digest"])
-        version, learner = store.learner(model, seed=1)
+        learner = learner_from_params(version, header, arrays, seed=1)
         probe = rng.normal(size=(5, 3))
         np.testing.assert_allclose(
             learner.score(np.arange(5), probe), whole.score(np.arange(5), probe), rtol=1e-9

@@ -41,6 +41,7 @@ from services.common.checkpoint import CheckpointStore
 from services.common.clients import REDIS_ERRORS, redis_client, redis_from_url
 from services.common.settings import RedisSettings
 from services.paramstore import ParamStore, ParamWatcher
+from services.serving.policies import watch_learner
 from services.stack.redis_cluster import EmbeddedRedisCluster, start_redis_cluster
 from services.stack.servers import start_redis
 from tests.integration.processes import ServiceProcess, wait_for
@@ -136,8 +137,8 @@ def test_a_blackholed_redis_times_out_and_every_feedback_is_applied_once_when_it
     probe, reader = redis_client(settings), redis_client(settings)
     store = ParamStore(probe, keys=keys)
     registry = CollectorRegistry()
-    watcher = ParamWatcher(
-        ParamStore(reader, keys=keys, registry=registry), MODEL, registry=registry
+    watcher = watch_learner(
+        ParamStore(reader, keys=keys, registry=registry), MODEL, "linucb", registry=registry
     )
     topics = _topic_names(unique_name)
     _create(kafka_bootstrap, topics)
@@ -269,8 +270,8 @@ def test_a_killed_master_fails_over_to_a_replica_without_its_last_writes_and_sta
     group = _group_on(cluster, keys, victim, unique_name)
     checkpoints = CheckpointStore(client, keys, group)
     registry = CollectorRegistry()
-    watcher = ParamWatcher(
-        ParamStore(reader, keys=keys, registry=registry), MODEL, registry=registry
+    watcher = watch_learner(
+        ParamStore(reader, keys=keys, registry=registry), MODEL, "linucb", registry=registry
     )
     topics = _topic_names(unique_name)
     _create(kafka_bootstrap, topics)

@@ -27,8 +27,9 @@ from contracts.events import Click, decode_click, decode_feedback, decode_impres
 from contracts.ids import item_labels
 from contracts.keys import KeySpace
 from contracts.params import encode_params
-from services.bandits.features import policy_features
-from services.bandits.service import BanditsProcessor, BanditsSettings, build_learner
+from services.bandits.factory import new_learner
+from services.bandits.service import BanditsProcessor
+from services.bandits.settings import BanditsSettings
 from services.catalog import publish_catalog, write_ranked
 from services.common.runtime import ConsumerRuntime, Record
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
@@ -255,12 +256,17 @@ def test_parameter_store_unreachable_serves_last_good_params(
         client = redis.Redis.from_url(server.url)
         ids, features = catalog_features()
         publish_catalog(client, keyspace, ids, features)
-        learner = build_learner(BANDITS.policies["linucb"], BANDITS)
+        learner = new_learner(
+            BANDITS.policies["linucb"],
+            context_dim=BANDITS.context_dim,
+            item_dim=BANDITS.item_dim,
+            seed=BANDITS.seed,
+        )
         rng = np.random.default_rng(2)
         context = rng.standard_normal((200, BANDITS.context_dim))
         learner.update(
             item_labels(ids)[rng.integers(N_ITEMS, size=200)],
-            policy_features(learner.name, context, np.empty((200, 0))),
+            learner.policy_features(context, np.empty((200, 0))),
             (rng.random(200) < 0.3).astype(float),
         )
         blob = encode_params("linucb", 0, learner.state(), meta={"learner": learner.name})

@@ -23,7 +23,7 @@ from services.bandits import (
     BetaThompson,
     HybridLinUCB,
     LinUCB,
-    make_learner,
+    new_learner,
 )
 
 CASES: list[tuple[type[BanditLearner], dict[str, Any]]] = [
@@ -309,18 +309,17 @@ def test_learns_the_best_arm_of_a_bernoulli_problem(case):
     assert pulls[3] > 0.7 * pulls.sum()
 
 
-def test_registry_builds_every_learner_and_rejects_unknown_names():
+def test_factory_builds_every_learner_and_rejects_unknown_names():
     for name, cls in LEARNERS.items():
-        extra = {"shared_dim": 2} if name == "hybrid_linucb" else {}
-        learner = make_learner(name, dim=5, **extra)
+        learner = new_learner({"learner": name}, context_dim=5, item_dim=0)
         assert type(learner) is cls
         assert learner.n_features in (0, 5)
     with pytest.raises(ValueError, match="known"):
-        make_learner("ucb9000", dim=3)
-    with pytest.raises(ValueError, match="shared_dim"):
-        make_learner("hybrid_linucb", dim=3)
+        new_learner({"learner": "ucb9000"}, context_dim=3)
+    with pytest.raises(ValueError, match="item_dim"):
+        new_learner({"learner": "hybrid_linucb"}, context_dim=3)
     with pytest.raises(ValueError, match="does not take"):
-        make_learner("linucb", dim=3, epsilon=0.1)
+        new_learner({"learner": "linucb", "epsilon": 0.1}, context_dim=3)
 
 
 def test_beta_thompson_rejects_rewards_outside_the_unit_interval():

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.bandits.base import (
-    ArmTable,
+from services.bandits._kernels import (
     _context_runs,
     _shared_context_forms,
     arm_forms,
@@ -15,6 +14,7 @@ from services.bandits.base import (
     row_dots,
     top_k,
 )
+from services.bandits.base import ArmTable
 
 
 def test_top_k_orders_by_score_along_the_last_axis():

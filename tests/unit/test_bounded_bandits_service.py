@@ -17,15 +17,15 @@ from prometheus_client import CollectorRegistry
 
 from contracts.events import Feedback
 from contracts.params import decode_params, encode_params
+from services.bandits.factory import new_learner
 from services.bandits.service import (
     CHECKPOINT_BUDGET_BYTES,
     OTHER_POLICY,
     RECENCY,
     BanditsProcessor,
-    BanditsSettings,
     CatalogLabels,
-    build_learner,
 )
+from services.bandits.settings import BanditsSettings
 from services.common import Checkpoint, Record
 
 REDIS_MAX_BULK_BYTES = 512 * 2**20
@@ -65,7 +65,10 @@ def flood(total: int, chunk: int) -> Iterator[list[Feedback]]:
 
 def snapshot_bound(settings: BanditsSettings) -> int:
     per_arm = sum(
-        build_learner(spec, settings).state_bytes_per_arm() for spec in settings.policies.values()
+        new_learner(
+            spec, context_dim=settings.context_dim, item_dim=settings.item_dim, seed=settings.seed
+        ).state_bytes_per_arm()
+        for spec in settings.policies.values()
     )
     return settings.max_arms * per_arm + 64 * 1024  # + header and hyperparameters
 

@@ -69,7 +69,7 @@ def settings_env_names() -> set[str]:
     from pydantic import AliasChoices
     from pydantic_settings import BaseSettings
 
-    from services.bandits.service import BanditsSettings
+    from services.bandits.settings import BanditsSettings
     from services.common.settings import (
         KafkaSettings,
         RedisSettings,

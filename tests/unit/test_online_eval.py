@@ -74,9 +74,9 @@ def test_summary_is_json_ready() -> None:
 
 
 def test_learner_policy_update_changes_its_choices() -> None:
-    from services.bandits import make_learner
+    from services.bandits import new_learner
 
-    policy = LearnerPolicy(make_learner("ts_beta", dim=3, seed=0))
+    policy = LearnerPolicy(new_learner({"learner": "ts_beta"}, context_dim=3, seed=0))
     items = np.array([5, 6], dtype=np.int64)
     features = np.zeros((2, 0))
     for _ in range(30):

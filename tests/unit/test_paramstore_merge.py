@@ -8,14 +8,8 @@ import redis
 from prometheus_client import CollectorRegistry
 
 from contracts.params import ParamError, ParamSet, decode_params, encode_params
-from services.bandits import BetaThompson, LinUCB
-from services.paramstore import (
-    ParamStore,
-    ParamWatcher,
-    build_learner,
-    combine_parts,
-    param_metrics,
-)
+from services.bandits import BetaThompson, LinUCB, learner_from_params
+from services.paramstore import ParamStore, ParamWatcher, combine_parts, param_metrics
 
 
 def part(arrays: dict[str, np.ndarray], *, offsets=None, meta=None, created_at=1.0) -> ParamSet:
@@ -75,7 +69,7 @@ def test_offsets_union_and_conflicts() -> None:
         )
 
 
-def test_learner_merge_is_found_from_meta() -> None:
+def test_learner_merge_combines_parts() -> None:
     rng = np.random.default_rng(3)
     items = rng.integers(0, 4, size=40)
     rewards = (rng.random(40) < 0.5).astype(float)
@@ -86,14 +80,14 @@ def test_learner_merge_is_found_from_meta() -> None:
         learner = BetaThompson(seed=0)
         learner.update(items[rows], None, rewards[rows])
         parts[f"p{index}"] = part(learner.state(), meta={"learner": BetaThompson.name})
-    header, arrays = combine_parts("m", 1, parts)
+    header, arrays = combine_parts("m", 1, parts, combine=BetaThompson.merge)
     for name, value in whole.state().items():
         np.testing.assert_array_equal(arrays[name], value, err_msg=name)
-    rebuilt = build_learner(1, header, arrays, seed=0)
+    rebuilt = learner_from_params(1, header, arrays, seed=0)
     assert isinstance(rebuilt, BetaThompson) and rebuilt.n_arms == whole.n_arms
 
 
-def test_parts_without_one_learner_need_a_combiner() -> None:
+def test_several_parts_need_a_combiner() -> None:
     linucb = LinUCB(dim=2).state()
     mixed = {
         "p0": part(linucb, meta={"learner": "linucb"}),
@@ -101,16 +95,17 @@ def test_parts_without_one_learner_need_a_combiner() -> None:
     }
     with pytest.raises(ParamError, match="pass combine="):
         combine_parts("m", 1, mixed)
-    unknown = {"p0": part({}, meta={"learner": "nope"}), "p1": part({}, meta={"learner": "nope"})}
-    with pytest.raises(ParamError, match="unknown bandit learner 'nope'"):
-        combine_parts("m", 1, unknown)
 
 
-def test_build_learner_refuses_what_is_not_a_learner_state() -> None:
+def test_learner_from_params_refuses_what_is_not_a_learner_state() -> None:
     with pytest.raises(ParamError, match="names no bandit learner"):
-        build_learner(1, {"model": "m", "meta": {}}, {})
+        learner_from_params(1, {"model": "m", "meta": {}}, {})
+    with pytest.raises(ParamError, match="unknown bandit learner 'nope'"):
+        learner_from_params(1, {"model": "m", "meta": {"learner": "nope"}}, {})
     with pytest.raises(ParamError, match=r"v1: linucb state lacks arrays"):
-        build_learner(1, {"model": "m", "meta": {"learner": "linucb"}}, {"items": np.zeros(0)})
+        learner_from_params(
+            1, {"model": "m", "meta": {"learner": "linucb"}}, {"items": np.zeros(0)}
+        )
 
 
 def test_constructor_arguments_are_checked() -> None:

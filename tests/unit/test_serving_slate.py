@@ -14,8 +14,8 @@ import pytest
 
 from contracts.events import Impression, decode_impression, encode
 from contracts.ids import item_labels
-from services.bandits.features import policy_features
-from services.bandits.service import BanditsSettings, build_learner
+from services.bandits.factory import new_learner
+from services.bandits.settings import BanditsSettings
 from services.catalog import CandidateLists, ItemCatalog
 from services.serving.policies import BanditPolicy, PolicyRouter, RandomPolicy, RankRequest
 from services.serving.recommender import BadRequest, Recommender, RecommenderConfig
@@ -121,12 +121,17 @@ class FixedLists:
 
 
 def trained_linucb(catalog: ItemCatalog, settings: BanditsSettings, seed: int):
-    learner = build_learner(settings.policies["linucb"], settings)
+    learner = new_learner(
+        settings.policies["linucb"],
+        context_dim=settings.context_dim,
+        item_dim=settings.item_dim,
+        seed=settings.seed,
+    )
     rng = np.random.default_rng(seed)
     items = item_labels(list(catalog.item_ids))
     picks = rng.integers(len(items), size=400)
     context = rng.standard_normal((400, settings.context_dim))
-    X = policy_features(learner.name, context, np.empty((400, 0)))
+    X = learner.policy_features(context, np.empty((400, 0)))
     learner.update(items[picks], X, (rng.random(400) < 0.3).astype(float))
     return learner
 
@@ -154,7 +159,7 @@ def test_recommender_logs_one_impression_per_answer_with_exact_propensities() ->
         seed=4,
     )
     context = np.random.default_rng(5).standard_normal(settings.context_dim)
-    X = policy_features(learner.name, context, catalog.matrix)
+    X = learner.policy_features(context, catalog.matrix)
     expected = inclusion_probabilities(
         learner.score(item_labels(list(catalog.item_ids)), X), k, epsilon
     )
