@@ -22,8 +22,14 @@ import msgspec
 from contracts.errors import StreamrecError
 
 SCHEMA_VERSION: Literal[1] = 1
-MAX_MESSAGE_BYTES = 64 * 1024
+#: An impression may log up to MAX_CANDIDATES scored and MAX_EXCLUDED excluded ids
+#: of up to 128 characters each, so messages may be this large.
+MAX_MESSAGE_BYTES = 512 * 1024
 MAX_SLATE = 100
+#: The most candidates one request may score (and one impression log).
+MAX_CANDIDATES = 1000
+#: The most ids one request may exclude (and one impression log).
+MAX_EXCLUDED = 1000
 MAX_FEATURES = 1024
 #: Events may arrive late, but not from further in the future than this.
 MAX_FUTURE_SKEW_S = 3600.0
@@ -40,6 +46,8 @@ Propensity = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 Version = Annotated[int, msgspec.Meta(ge=0)]
 #: Which ranker placed an item in an interleaved slate (DRN's exploit W or explore W~).
 Team = Literal["exploit", "explore"]
+#: Where a slate's candidates came from: serving's retrieval or the client's request.
+CandidateSource = Literal["retrieved", "client"]
 
 
 class EventError(StreamrecError, ValueError):
@@ -74,6 +82,13 @@ class Impression(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     slate: Annotated[list[SlateItem], msgspec.Meta(min_length=1, max_length=MAX_SLATE)]
     #: Request/user context features the policy scored with.
     context: Features = []
+    #: Where the scored candidates came from (older impressions: ``retrieved``).
+    candidate_source: CandidateSource = "retrieved"
+    #: The candidate set the policy scored, so offline evaluation can replay the
+    #: decision (empty in impressions logged before it was recorded).
+    candidates: Annotated[list[Id], msgspec.Meta(max_length=MAX_CANDIDATES)] = []
+    #: Ids the request excluded from the candidates.
+    excluded: Annotated[list[Id], msgspec.Meta(max_length=MAX_EXCLUDED)] = []
 
     def __post_init__(self) -> None:
         ids = {item.item_id for item in self.slate}

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from contracts.features import HashedFeatures
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,50 @@ class ConsumerMetrics:
             ["service", "kind"],
             registry=registry,
         )
+
+
+class FeatureHashMetrics:
+    """Named features hashed into context vectors (:mod:`contracts.features`), by app.
+
+    ``streamrec_features_collisions_total / streamrec_features_hashed_total`` is the
+    collision rate: the share of tokens that shared a bucket with another token of
+    the same request. A high rate says the context dimension is too small for the
+    features clients send.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.hashed = Counter(
+            "streamrec_features_hashed_total",
+            "Distinct named-feature tokens hashed into context vectors, by app.",
+            ["app"],
+            registry=registry,
+        )
+        self.collisions = Counter(
+            "streamrec_features_collisions_total",
+            "Hashed tokens that landed in a bucket another token of the same request used, by app.",
+            ["app"],
+            registry=registry,
+        )
+
+    def count(self, app: str, hashed: HashedFeatures) -> None:
+        self.hashed.labels(app).inc(hashed.tokens)
+        if hashed.collisions:
+            self.collisions.labels(app).inc(hashed.collisions)
+
+
+_HASH_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, FeatureHashMetrics] = (
+    weakref.WeakKeyDictionary()
+)
+_HASH_METRICS_LOCK = threading.Lock()
+
+
+def feature_hash_metrics(registry: CollectorRegistry) -> FeatureHashMetrics:
+    """The feature-hashing series of ``registry``, created on first use."""
+    with _HASH_METRICS_LOCK:
+        metrics = _HASH_METRICS.get(registry)
+        if metrics is None:
+            metrics = _HASH_METRICS[registry] = FeatureHashMetrics(registry)
+        return metrics
 
 
 def serve_metrics(
