@@ -22,6 +22,16 @@ failure:
   will. Retrying then can put an event in the log twice, under the same event
   (or request) id; the joiner rewards each id once.
 
+An impression may carry named ``features`` (``{name: str | int | float | bool |
+[str]}``) instead of a dense ``context``: the gateway hashes them into the
+context with :func:`contracts.features.hash_features` (the function serving's
+``/v1/rank`` uses, into the same ``STREAMREC_BANDITS_CONTEXT_DIM``) before
+producing, so the learners see the vector serving scored; both at once is a 400.
+
+Requests need ``Authorization: Bearer <STREAMREC_GATEWAY_TOKEN>`` and bodies
+are capped at ``max_body_bytes`` (413), with serving's code
+(:mod:`services.common.http`).
+
 So: a batch answered ``202`` is in Kafka entirely; a batch retried until
 ``202`` is in Kafka entirely, each event at least once; a batch answered ``503``
 and never retried has at most its first ``appended`` events in Kafka.
@@ -29,7 +39,6 @@ and never retried has at most its first ``appended`` events in Kafka.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -51,19 +60,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from contracts.errors import StreamrecError
 from contracts.events import (
     Click,
     EventError,
     Impression,
     check_clock,
     decode_click,
-    decode_impression,
     encode,
     split_batch,
 )
+from contracts.features import decode_featured_impression, resolve_impression
+from services.bandits.settings import BanditsSettings
 from services.common import logs
-from services.common.metrics import LATENCY_BUCKETS
+from services.common.http import (
+    BearerAuth,
+    BodyTooLarge,
+    check_token,
+    read_body,
+    too_large,
+    unauthorised,
+)
+from services.common.metrics import LATENCY_BUCKETS, feature_hash_metrics
 from services.common.settings import KafkaSettings, TopicSettings
 from services.gateway.sdk import (
     DEFAULT_BUFFER_MEMORY,
@@ -113,10 +130,6 @@ class GatewaySettings(BaseSettings):
     a batch is let through to probe a Kafka that was failing."""
 
 
-class _BodyTooLarge(StreamrecError):
-    pass
-
-
 class _Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
@@ -142,15 +155,9 @@ class _Metrics:
 
 def check_auth(settings: GatewaySettings) -> None:
     """Raise ``ValueError`` unless the settings name a token or explicitly allow anonymity."""
-    if settings.token is None:
-        if not settings.allow_anonymous:
-            raise ValueError(
-                "the gateway needs STREAMREC_GATEWAY_TOKEN (clients then send "
-                "'Authorization: Bearer <token>'); set STREAMREC_GATEWAY_ALLOW_ANONYMOUS=true "
-                "to accept unauthenticated events on a trusted network"
-            )
-    elif not settings.token.get_secret_value().strip():
-        raise ValueError("STREAMREC_GATEWAY_TOKEN is empty")
+    check_token(
+        settings.token, settings.allow_anonymous, app="gateway", prefix="STREAMREC_GATEWAY_"
+    )
 
 
 def create_app(
@@ -159,37 +166,33 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.time,
+    context_dim: int | None = None,
 ) -> Starlette:
-    """Build the gateway app around a producer (injected so tests and services share one)."""
+    """Build the gateway app around a producer (injected so tests and services share one).
+
+    ``context_dim`` is the width impressions' named ``features`` are hashed into
+    (:func:`contracts.features.hash_features`): the learners' and serving's
+    ``STREAMREC_BANDITS_CONTEXT_DIM`` unless given.
+    """
     settings = settings or GatewaySettings()
     check_auth(settings)
     registry = registry or CollectorRegistry()
     metrics = _Metrics(registry)
+    hashing = feature_hash_metrics(registry)
+    dim = context_dim if context_dim is not None else BanditsSettings().context_dim
+
+    def decode_impression(raw: bytes) -> Impression:
+        impression, hashed = resolve_impression(decode_featured_impression(raw), dim)
+        if hashed is not None:
+            hashing.count("gateway", hashed)
+        return impression
+
     decoders: dict[Kind, Callable[[bytes], Click | Impression]] = {
         "clicks": decode_click,
         "impressions": decode_impression,
     }
     topics = {"clicks": producer.topics.clicks, "impressions": producer.topics.impressions}
-    token = settings.token.get_secret_value().encode() if settings.token else None
-
-    def authorised(request: Request) -> bool:
-        if token is None:
-            return True
-        header = request.headers.get("authorization", "")
-        scheme, _, supplied = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(supplied.encode(), token)
-
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > settings.max_body_bytes:
-            raise _BodyTooLarge
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > settings.max_body_bytes:
-                raise _BodyTooLarge
-            chunks.append(chunk)
-        return b"".join(chunks)
+    auth = BearerAuth(settings.token)
 
     def ingest(kind: Kind, body: bytes) -> Response:
         try:
@@ -253,20 +256,13 @@ def create_app(
 
         async def handle(request: Request) -> Response:
             started = time.perf_counter()
-            if not authorised(request):
-                response: Response = JSONResponse(
-                    {"error": "missing or invalid bearer token"},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+            if not auth.authorised(request):
+                response: Response = unauthorised()
             else:
                 try:
-                    body = await read_body(request)
-                except _BodyTooLarge:
-                    response = JSONResponse(
-                        {"error": f"body exceeds {settings.max_body_bytes} bytes"},
-                        status_code=413,
-                    )
+                    body = await read_body(request, settings.max_body_bytes)
+                except BodyTooLarge as exc:
+                    response = too_large(exc)
                 else:
                     response = await run_in_threadpool(ingest, kind, body)
             metrics.requests.labels(route, str(response.status_code)).inc()

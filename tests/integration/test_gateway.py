@@ -20,6 +20,8 @@ from kafka import KafkaConsumer, TopicPartition
 from pydantic import SecretStr
 
 from contracts.events import decode_click, decode_impression
+from contracts.features import hash_features
+from services.bandits.settings import BanditsSettings
 from services.common import clients
 from services.common.settings import KafkaSettings, TopicSettings
 from services.common.topics import ensure_topics
@@ -119,6 +121,31 @@ def test_single_impression_is_accepted(gateway):
     assert client.post("/v1/impressions", json=impression).status_code == 202
     [record] = _drain(bootstrap, topics.impressions, 2, 1)
     assert decode_impression(record.value).slate[0].item_id == "i1"
+
+
+def test_impression_features_are_hashed_into_its_context_before_producing(gateway):
+    client, topics, bootstrap = gateway
+    features = {"country": "de", "premium": True, "tags": ["a", "b"], "age": 31}
+    impression = {
+        "request_id": "r-features",
+        "user_id": "u1",
+        "ts": TS,
+        "policy": "linucb",
+        "slate": [{"item_id": "i1", "position": 0, "propensity": 0.5}],
+        "features": features,
+    }
+    both = impression | {"request_id": "r-both", "context": [1.0] * 9}
+    refused = client.post("/v1/impressions", json=both)
+    assert refused.status_code == 400
+    assert "mutually exclusive" in refused.text
+    assert client.post("/v1/impressions", json=impression).status_code == 202, refused.text
+    [record] = _drain(bootstrap, topics.impressions, 2, 1)
+    logged = decode_impression(record.value)
+    assert logged.request_id == "r-features"
+    dim = BanditsSettings().context_dim
+    assert logged.context == hash_features(features, dim).vector.tolist()
+    metrics = client.get("/metrics").text
+    assert 'streamrec_features_hashed_total{app="gateway"} 5.0' in metrics
 
 
 def test_invalid_events_are_listed_by_index_and_nothing_is_accepted(gateway):
