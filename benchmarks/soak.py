@@ -75,7 +75,7 @@ USERS = 50_000
 SERVICES = ("gateway", "joiner", "bandits", "drn", "sequences", "embeddings", "serving")
 CONSUMERS = ("joiner", "bandits", "drn", "sequences", "embeddings")
 POLICIES = ("linucb", "drn")
-TOKEN = "soak-token"  # noqa: S105 - a benchmark's own gateway token
+TOKEN = "soak-token"  # noqa: S105 - a benchmark's own gateway and serving token
 WINDOW_S, LATENESS_S = 10, 2
 SERVING_PROBE_PER_S = 20
 #: Events per gateway request (a load that falls behind sends several).
@@ -251,7 +251,8 @@ class ServingProbe:
 
     def run(self) -> None:
         rng = np.random.default_rng(3)
-        with httpx.Client(base_url=self.url, timeout=10) as http:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        with httpx.Client(base_url=self.url, timeout=10, headers=headers) as http:
             while not self.stop.is_set():
                 started = time.perf_counter()
                 try:
@@ -320,6 +321,7 @@ def stack(work: Path):
         "STREAMREC_JOINER_LATENESS_S": str(LATENESS_S),
         "STREAMREC_RUNTIME_LAG_INTERVAL_S": "2",
         "STREAMREC_GATEWAY_TOKEN": TOKEN,
+        "STREAMREC_SERVING_TOKEN": TOKEN,
     }
     os.environ.update(env)
     create_topics(KafkaSettings(), TopicSettings())
@@ -334,13 +336,9 @@ def stack(work: Path):
             port = ports.get(name)
             extra = {f"STREAMREC_{name.upper()}_PORT": str(port)} if port else {}
             supervisor.add(name, extra, port)
-        for name, port in ports.items():
-            wait_http(
-                f"http://127.0.0.1:{port}/healthz"
-                if name == "gateway"
-                else f"http://127.0.0.1:{port}/metrics",
-                90,
-            )
+        wait_http(f"http://127.0.0.1:{ports['gateway']}/healthz", 90)
+        # Serving's open /metrics is on its runtime metrics port (the HTTP one needs the token).
+        wait_http(f"http://127.0.0.1:{supervisor.services['serving'].metrics_port}/metrics", 90)
         for name in CONSUMERS:
             wait_http(f"http://127.0.0.1:{supervisor.services[name].metrics_port}/metrics", 90)
         yield broker, server, supervisor, client, redis_settings.keys()

@@ -9,18 +9,33 @@ Routes:
 - ``POST /v1/recommendations`` with ``{"user_id": …, "k": …, "context": [floats]}``
   for clients that send the request context the bandits score with (``k`` and
   ``context`` are optional);
+- ``POST /v1/rank`` with ``{"user_id", "k"?, "candidates"?: [{"id", "features"?}],
+  "exclude"?: [ids], "context"?: [floats], "features"?: {name: value}}``: rank the
+  client's candidates (exactly those, per-candidate features replacing the
+  catalog's) or retrieved ones, never showing an excluded id; named ``features``
+  are hashed into the context (:mod:`contracts.features`, exclusive with
+  ``context``); the answer adds ``candidate_source``;
 - ``/healthz``: 200 once there is something to recommend from, else 503; its body
   also says whether impressions are being logged (``impressions_logged``);
 - ``/metrics``: request latency (``streamrec_serving_request_seconds``),
   requests by policy and outcome, per-stage time, the index version and age
-  (``streamrec_index_*``) and each policy's parameter version and staleness
-  (``streamrec_params_reader_*``).
+  (``streamrec_index_*``), each policy's parameter version and staleness
+  (``streamrec_params_reader_*``) and feature hashing
+  (``streamrec_features_hashed_total``, ``streamrec_features_collisions_total``);
+- ``/openapi.json``: the OpenAPI document (:mod:`services.serving.openapi`).
+
+Every route but ``/healthz`` and ``/openapi.json`` needs ``Authorization: Bearer
+<STREAMREC_SERVING_TOKEN>`` (401 otherwise; :mod:`services.common.http`, shared
+with the gateway); without a token serving refuses to start unless
+``STREAMREC_SERVING_ALLOW_ANONYMOUS`` is set. Bodies over ``max_body_bytes`` get
+413 before they are read.
 
 Answers: 200 with the slate; 400 with ``{"error", "reasons": [...]}`` for bad
 input (missing or malformed user id, k out of range, wrong context size, bad
-JSON, JSON nested too deeply); 503 when nothing is published yet or
-(``impression_ack``) Kafka did not take the impression; 500 with the request's
-error type otherwise. With ``impression_ack`` every 200 has been logged as
+JSON, JSON nested too deeply, duplicate or all-excluded candidates, both context
+and features); 503 when nothing is published yet or (``impression_ack``) Kafka
+did not take the impression; 500 with the request's error type otherwise. Every
+error body is ``{"error", "reasons"}``. With ``impression_ack`` every 200 has been logged as
 exactly one impression; without it (the default) every 200 was handed to the
 producer as exactly one impression, and one Kafka did not take is counted
 (``streamrec_serving_degraded_total{source="impressions"}``), see
@@ -49,20 +64,31 @@ from typing import Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from contracts.events import MAX_SLATE, EventError, decode_json
+from contracts.events import MAX_CANDIDATES, MAX_SLATE, EventError, decode_json
+from contracts.features import hash_features
 from services.bandits.factory import new_learner
 from services.bandits.settings import BanditsSettings
 from services.catalog import CandidateFeed
 from services.common import clients, logs
-from services.common.metrics import serve_metrics
+from services.common.http import (
+    BearerAuth,
+    BodyTooLarge,
+    check_token,
+    error_response,
+    read_body,
+    too_large,
+    unauthorised,
+)
+from services.common.metrics import feature_hash_metrics, serve_metrics
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
 from services.drn.settings import DRNSettings
 from services.gateway.sdk import DEFAULT_BUFFER_MEMORY, EventProducer
@@ -71,6 +97,7 @@ from services.index.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES
 from services.paramstore import ParamStore, ParamWatcher
 from services.sequences import Sequences
 from services.serving.drn_policy import DRNPolicy, drn_builder
+from services.serving.openapi import api_types, openapi
 from services.serving.policies import (
     BanditPolicy,
     PolicyRouter,
@@ -107,6 +134,17 @@ class ServingSettings(BaseSettings):
     """``STREAMREC_SERVING_HOST``."""
     port: int = 8090
     """``STREAMREC_SERVING_PORT``."""
+    token: SecretStr | None = None
+    """``STREAMREC_SERVING_TOKEN``: requests need ``Authorization: Bearer <token>``
+    (all but ``/healthz`` and ``/openapi.json``)."""
+    allow_anonymous: bool = False
+    """``STREAMREC_SERVING_ALLOW_ANONYMOUS``: accept requests without a token. Off by
+    default: without a token serving refuses to start unless this is set."""
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    """``STREAMREC_SERVING_MAX_BODY_BYTES``: larger request bodies get 413."""
+    max_candidates: int = Field(MAX_CANDIDATES, ge=1, le=MAX_CANDIDATES)
+    """``STREAMREC_SERVING_MAX_CANDIDATES``: the most candidates one ``/v1/rank`` request
+    may bring."""
     policies: dict[str, float] | None = None
     """``STREAMREC_SERVING_POLICIES``: JSON traffic shares ``{"policy": share}``, each policy
     ``random``, one of ``STREAMREC_BANDITS_POLICIES`` or ``STREAMREC_DRN_POLICY``; unset: all
@@ -160,12 +198,11 @@ class ServingSettings(BaseSettings):
     """``STREAMREC_SERVING_SEED``: fixes exploration draws (tests); unset in production."""
 
 
-class RecommendationQuery(msgspec.Struct, forbid_unknown_fields=True):
-    """The POST body."""
-
-    user_id: Any
-    k: Any = None
-    context: Any = None
+def check_auth(settings: ServingSettings) -> None:
+    """Raise ``ValueError`` unless the settings name a token or explicitly allow anonymity."""
+    check_token(
+        settings.token, settings.allow_anonymous, app="serving API", prefix="STREAMREC_SERVING_"
+    )
 
 
 def traffic_shares(
@@ -264,28 +301,61 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
 ) -> Starlette:
-    """The HTTP app around a recommender (injected, so tests and benchmarks share one)."""
+    """The HTTP app around a recommender (injected, so tests and benchmarks share one).
+
+    Raises ``ValueError`` when the settings have no token and do not allow anonymity.
+    """
     settings = settings or ServingSettings()
+    check_auth(settings)
     registry = registry if registry is not None else recommender.registry
     metrics = recommender.metrics
-    decoder = msgspec.json.Decoder(RecommendationQuery)
+    hashing = feature_hash_metrics(registry)
+    auth = BearerAuth(settings.token)
+    config = recommender.config
+    types = api_types(config.context_dim, config.item_dim, config.max_k, settings.max_candidates)
+    query_decoder = msgspec.json.Decoder(types.recommendation_query)
+    rank_decoder = msgspec.json.Decoder(types.rank_query)
+    document = msgspec.json.encode(openapi(types, anonymous=auth.anonymous))
 
     def bad_request(reasons: list[str]) -> Response:
         metrics.requests.labels("-", "bad_request").inc()
-        return JSONResponse({"error": "bad request", "reasons": reasons}, status_code=400)
+        return error_response(400, "bad request", reasons)
 
-    def answer(user_id: Any, k: Any, context: Any) -> Response:
+    def answer(user_id: Any, k: Any, context: Any, **rank: Any) -> Response:
         try:
-            result = recommender.recommend(user_id, k, context)
+            result = recommender.recommend(user_id, k, context, **rank)
         except BadRequest as exc:
-            return JSONResponse({"error": "bad request", "reasons": exc.reasons}, status_code=400)
+            return error_response(400, "bad request", exc.reasons)
         except (NoCandidates, ImpressionNotLogged) as exc:
-            return JSONResponse({"error": str(exc)}, status_code=503)
+            return error_response(503, str(exc))
         except Exception as exc:  # noqa: BLE001 - the client gets a 500, the log the trace
             log.exception("recommendation for %r failed", user_id)
             metrics.requests.labels(recommender.router.assign(str(user_id)), "error").inc()
-            return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, status_code=500)
-        return JSONResponse(result.to_json())
+            return error_response(500, f"internal error: {type(exc).__name__}")
+        body = result.to_json()
+        if rank:
+            body["candidate_source"] = result.impression.candidate_source
+        return JSONResponse(body)
+
+    def protected(handler: Any) -> Any:
+        async def guarded(request: Request) -> Response:
+            if not auth.authorised(request):
+                return unauthorised()
+            return await handler(request)
+
+        return guarded
+
+    async def body_of(request: Request, decoder: msgspec.json.Decoder[Any]) -> Any:
+        """The decoded body, or the 400/413 response that refuses it."""
+        try:
+            raw = await read_body(request, settings.max_body_bytes)
+        except BodyTooLarge as exc:
+            metrics.requests.labels("-", "bad_request").inc()
+            return too_large(exc)
+        try:
+            return decode_json(decoder, raw)
+        except EventError as exc:
+            return bad_request([f"body: {exc}"])
 
     async def recommendations(request: Request) -> Response:
         started = time.perf_counter()
@@ -318,13 +388,44 @@ def create_app(
         return await run_in_threadpool(answer, user_id, k, None)
 
     async def _from_body(request: Request) -> Response:
-        body = await request.body()
-        try:
-            query = decode_json(decoder, body)
-        except EventError as exc:
-            return bad_request([f"body must be a JSON object {{user_id, k, context}}: {exc}"])
+        query = await body_of(request, query_decoder)
+        if isinstance(query, Response):
+            return query
         k = settings.default_k if query.k is None else query.k
         return await run_in_threadpool(answer, query.user_id, k, query.context)
+
+    async def rank(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            return await _rank(request)
+        finally:
+            metrics.request_seconds.observe(time.perf_counter() - started)
+
+    async def _rank(request: Request) -> Response:
+        query = await body_of(request, rank_decoder)
+        if isinstance(query, Response):
+            return query
+        if query.context is not None and query.features is not None:
+            return bad_request(["context and features are mutually exclusive: send one of them"])
+        context = query.context
+        if query.features is not None:
+            hashed = hash_features(query.features, config.context_dim)
+            hashing.count("serving", hashed)
+            context = hashed.vector
+        candidates = features = None
+        if query.candidates is not None:
+            candidates = [candidate.id for candidate in query.candidates]
+            features = {c.id: c.features for c in query.candidates if c.features is not None}
+        k = settings.default_k if query.k is None else query.k
+        return await run_in_threadpool(
+            answer,
+            query.user_id,
+            k,
+            context,
+            candidates=candidates,
+            candidate_features=features,
+            exclude=query.exclude,
+        )
 
     async def healthz(request: Request) -> Response:
         lists = recommender.feed.current()
@@ -346,12 +447,22 @@ def create_app(
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def openapi_document(request: Request) -> Response:
+        return Response(document, media_type="application/json")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return error_response(exc.status_code, exc.detail, headers=exc.headers)
+
     return Starlette(
         routes=[
-            Route("/v1/recommendations", recommendations, methods=["GET", "POST"]),
+            Route("/v1/recommendations", protected(recommendations), methods=["GET", "POST"]),
+            Route("/v1/rank", protected(rank), methods=["POST"]),
             Route("/healthz", healthz),
-            Route("/metrics", metrics_endpoint),
-        ]
+            Route("/metrics", protected(metrics_endpoint)),
+            Route("/openapi.json", openapi_document),
+        ],
+        exception_handlers={HTTPException: http_error},
     )
 
 
@@ -444,8 +555,17 @@ def main() -> int:
     import uvicorn
 
     logs.configure("serving")
-    stack = ServingStack()
-    # Also on the runtime's metrics port, where `streamrec status` and the demo look.
+    settings = ServingSettings()
+    try:
+        check_auth(settings)
+    except ValueError as exc:
+        log.error("serving not started: %s", exc)
+        return 2
+    if settings.token is None:
+        log.warning("serving accepts unauthenticated requests (STREAMREC_SERVING_ALLOW_ANONYMOUS)")
+    stack = ServingStack(settings)
+    # Also on the runtime's metrics port (no token: keep it off public networks), where
+    # `streamrec status`, the demo and Prometheus look.
     runtime = RuntimeSettings()
     server = None
     if runtime.metrics_port:

@@ -10,14 +10,20 @@
    never has an empty pool). A user with no known item vector (new user, or no
    index yet) is a *cold start*: the pool is fresh + popular + random, never an
    error. Items not in the catalog (retired, or never published) are dropped
-   when a catalog exists;
-3. **features**: item features from the catalog (zeros when there is none), the
+   when a catalog exists, and so are the request's ``exclude`` ids (the random
+   fill never draws them either). A request that brings its own ``candidates``
+   (the Rank API) is ranked over exactly those, less its exclusions: no
+   retrieval, no fill, catalog or not;
+3. **features**: item features from the catalog (zeros when there is none),
+   replaced by the request's own for the candidates it gives features for; the
    request context (zeros of ``context_dim`` when the client sends none);
 4. **scoring**: the user's policy (stable hash, :class:`PolicyRouter`) ranks the
    pool with its hot-reloaded parameters and builds the slate with exploration;
 5. **log**: exactly one :class:`~contracts.events.Impression` per response, with
-   the request id, each shown item's propensity, the policy, its model version
-   and (DRN) the interleaving teams, then the response.
+   the request id, each shown item's propensity, the policy, its model version,
+   (DRN) the interleaving teams, the candidate source (``retrieved`` or
+   ``client``), the scored candidate ids and the exclusions applied, then the
+   response.
 
 Propensities are the policy's exact probability of showing each item *given
 this request's candidate pool* (the pool's random fill is part of the request,
@@ -46,14 +52,21 @@ import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from contracts.errors import StreamrecError
-from contracts.events import MAX_SLATE, EventError, Impression, SlateItem
+from contracts.events import (
+    MAX_CANDIDATES,
+    MAX_EXCLUDED,
+    MAX_SLATE,
+    EventError,
+    Impression,
+    SlateItem,
+)
 from contracts.ids import item_labels
 from services.catalog import CandidateLists
 from services.common.clients import REDIS_ERRORS
@@ -272,6 +285,12 @@ class RecommenderConfig:
         for name in ("item_dim", "min_candidates"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("retrieval_n", "min_candidates"):
+            if getattr(self, name) > MAX_CANDIDATES:
+                raise ValueError(
+                    f"{name} must be <= {MAX_CANDIDATES} (the most candidates an impression "
+                    f"logs), got {getattr(self, name)}"
+                )
         if self.max_k > MAX_SLATE:
             raise ValueError(f"max_k must be <= {MAX_SLATE} (the largest slate), got {self.max_k}")
 
@@ -325,11 +344,16 @@ def impression_for(
     slate: RankedSlate,
     context: np.ndarray,
     item_features: np.ndarray | None = None,
+    *,
+    candidate_source: Literal["retrieved", "client"] = "retrieved",
+    candidates: Sequence[str] = (),
+    excluded: Sequence[str] = (),
 ) -> Impression:
     """The Impression that logs a served slate.
 
     Features logged per item are the policy's (``slate.item_features``), else the
     rows of ``item_features`` (aligned with ``slate.items``), else none.
+    ``candidates`` is the scored pool, ``excluded`` the request's exclusions.
     """
     if slate.item_features is not None:
         features = slate.item_features
@@ -345,6 +369,9 @@ def impression_for(
         policy=policy,
         model_version=slate.model_version,
         context=slate.context if slate.context is not None else np.asarray(context).tolist(),
+        candidate_source=candidate_source,
+        candidates=list(candidates),
+        excluded=list(excluded),
         slate=[
             SlateItem(
                 item_id=item,
@@ -411,9 +438,17 @@ class Recommender:
 
     # -- validation --------------------------------------------------------------
 
-    def check(self, user_id: object, k: object, context: object | None) -> np.ndarray:
+    def check(
+        self,
+        user_id: object,
+        k: object,
+        context: object | None,
+        candidates: Sequence[str] | None = None,
+        candidate_features: Mapping[str, Sequence[float]] | None = None,
+        exclude: Sequence[str] = (),
+    ) -> np.ndarray:
         """Validate a request; returns the context vector or raises :class:`BadRequest`."""
-        reasons = []
+        reasons = self._check_candidates(candidates, candidate_features, exclude)
         if not isinstance(user_id, str) or not 1 <= len(user_id) <= _MAX_ID:
             reasons.append(f"user_id must be a string of 1 to {_MAX_ID} characters")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.config.max_k:
@@ -436,19 +471,65 @@ class Recommender:
             raise BadRequest(reasons)
         return vector
 
+    def _check_candidates(
+        self,
+        candidates: Sequence[str] | None,
+        candidate_features: Mapping[str, Sequence[float]] | None,
+        exclude: Sequence[str],
+    ) -> list[str]:
+        """Reasons the Rank API's candidates, their features or the exclusions are refused."""
+        reasons = []
+        if len(exclude) > MAX_EXCLUDED:
+            reasons.append(f"exclude may hold at most {MAX_EXCLUDED} ids, got {len(exclude)}")
+        if candidates is None:
+            if candidate_features:
+                reasons.append("candidate features need candidates")
+            return reasons
+        if not 1 <= len(candidates) <= MAX_CANDIDATES:
+            reasons.append(
+                f"candidates must hold 1 to {MAX_CANDIDATES} items, got {len(candidates)}"
+            )
+        ids = set(candidates)
+        if len(ids) != len(candidates):
+            reasons.append("candidate ids must be unique")
+        elif not ids - set(exclude):
+            reasons.append("every candidate is excluded")
+        unknown = [item for item in candidate_features or {} if item not in ids]
+        if unknown:
+            reasons.append(f"features for items that are not candidates: {unknown[:5]}")
+        for item, row in (candidate_features or {}).items():
+            vector = np.asarray(row, dtype=np.float64)
+            if vector.shape != (self.config.item_dim,) or not np.isfinite(vector).all():
+                reasons.append(
+                    f"features of candidate {item!r} must be {self.config.item_dim} finite numbers"
+                )
+                break
+        return reasons
+
     # -- the request path --------------------------------------------------------
 
     def recommend(
-        self, user_id: str, k: int, context: Sequence[float] | np.ndarray | None = None
+        self,
+        user_id: str,
+        k: int,
+        context: Sequence[float] | np.ndarray | None = None,
+        *,
+        candidates: Sequence[str] | None = None,
+        candidate_features: Mapping[str, Sequence[float]] | None = None,
+        exclude: Sequence[str] = (),
     ) -> Recommendation:
         """Rank, log and return one slate for ``user_id`` (see the module doc).
+
+        ``candidates`` (unique ids): rank exactly those instead of retrieving a
+        pool; ``candidate_features``: item features that replace the catalog's
+        for those candidates; ``exclude``: ids never to show, whatever the pool.
 
         Raises :class:`BadRequest` for invalid input, :class:`NoCandidates` when
         nothing has been published yet, :class:`ImpressionNotLogged` when logging
         waits for Kafka and Kafka failed.
         """
         try:
-            ctx = self.check(user_id, k, context)
+            ctx = self.check(user_id, k, context, candidates, candidate_features, exclude)
         except BadRequest:
             self.metrics.requests.labels("-", "bad_request").inc()
             raise
@@ -466,13 +547,21 @@ class Recommender:
         history = self._history(user_id)
         lap("history")
         rng = self._rng()
+        excluded = frozenset(exclude)
         try:
-            pool = self._candidates(history, rng)
+            if candidates is None:
+                pool = self._candidates(history, rng, excluded)
+            else:
+                pool = self._client_candidates(history, candidates, excluded)
         except NoCandidates:
             self.metrics.requests.labels(policy_name, "unavailable").inc()
             raise
         lap("candidates")
         features, _ = pool.lists.catalog.features(pool.items)
+        if candidate_features:
+            for item, row in candidate_features.items():
+                if item in pool.position:
+                    features[pool.position[item]] = row
         labels = item_labels(pool.items)
         index_vectors = self._index_vectors(pool, history)
         lap("features")
@@ -498,7 +587,16 @@ class Recommender:
         lap("scoring")
         shown = [pool.position[item] for item in ranked.items]
         impression = impression_for(
-            uuid.uuid4().hex, user_id, now, policy_name, ranked, ctx, features[shown]
+            uuid.uuid4().hex,
+            user_id,
+            now,
+            policy_name,
+            ranked,
+            ctx,
+            features[shown],
+            candidate_source="retrieved" if candidates is None else "client",
+            candidates=pool.items,
+            excluded=list(dict.fromkeys(exclude)),
         )
         try:
             self.impressions.log(impression)
@@ -538,41 +636,71 @@ class Recommender:
             self.metrics.degraded.labels("index").inc()
             return None
 
-    def _candidates(self, history: list[SequenceEntry], rng: np.random.Generator) -> _Pool:
-        lists = self.feed.current()
+    def _user_vector(
+        self, history: list[SequenceEntry]
+    ) -> tuple[LoadedIndex | None, np.ndarray | None, np.ndarray | None, np.ndarray]:
+        """The index snapshot, the user vector (None: cold start) and the history vectors."""
         snapshot = self._snapshot()
         history_vectors, history_known = self._vectors(
             snapshot, [entry.item_id for entry in history]
         )
-        found: list[str] = []
         user_vector = None
         if snapshot is not None and history_vectors is not None and history_known.any():
             query = history_vectors[history_known].mean(axis=0)
             norm = float(np.linalg.norm(query))
             if norm > 0 and math.isfinite(norm):
                 user_vector = query / norm
-                ids, _ = self.index.search(  # type: ignore[union-attr]
-                    user_vector, self.config.retrieval_n, snapshot=snapshot
-                )
-                found = ids[0]
+        return snapshot, user_vector, history_vectors, history_known
+
+    def _candidates(
+        self, history: list[SequenceEntry], rng: np.random.Generator, excluded: frozenset[str]
+    ) -> _Pool:
+        lists = self.feed.current()
+        snapshot, user_vector, history_vectors, history_known = self._user_vector(history)
+        found: list[str] = []
+        if user_vector is not None:
+            ids, _ = self.index.search(  # type: ignore[union-attr]
+                user_vector, self.config.retrieval_n, snapshot=snapshot
+            )
+            found = ids[0]
         pool = dict.fromkeys(found)
         pool.update(dict.fromkeys(lists.fresh))
         pool.update(dict.fromkeys(lists.popular))
         catalog = lists.catalog
+        if excluded:
+            pool = {item: None for item in pool if item not in excluded}
         if len(catalog):
             pool = {item: None for item in pool if item in catalog}
             short = self.config.min_candidates - len(pool)
             if short > 0:
-                pool.update(dict.fromkeys(catalog.sample(short, rng, exclude=pool)))
+                skip = pool.keys() | excluded if excluded else pool
+                pool.update(dict.fromkeys(catalog.sample(short, rng, exclude=skip)))
         if not pool:
             raise NoCandidates(
-                "no candidates: no index neighbours, popular, fresh or catalog items published yet"
+                "no candidates: no index neighbours, popular, fresh or catalog items published "
+                "yet, or all of them excluded"
             )
-        items = list(pool)
+        items = list(pool)[:MAX_CANDIDATES]
         return _Pool(
             items=items,
             position={item: i for i, item in enumerate(items)},
             lists=lists,
+            snapshot=snapshot,
+            user_vector=user_vector,
+            history_vectors=history_vectors,
+            history_known=history_known,
+        )
+
+    def _client_candidates(
+        self, history: list[SequenceEntry], candidates: Sequence[str], excluded: frozenset[str]
+    ) -> _Pool:
+        """The request's own candidates, less its exclusions (``check`` saw some remain)."""
+        snapshot, user_vector, history_vectors, history_known = self._user_vector(history)
+        items = [item for item in candidates if item not in excluded]
+        return _Pool(
+            items=items,
+            position={item: i for i, item in enumerate(items)},
+            lists=self.feed.current(),
             snapshot=snapshot,
             user_vector=user_vector,
             history_vectors=history_vectors,

@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="gateway bearer token (default: $STREAMREC_GATEWAY_TOKEN)",
     )
     parser.add_argument(
+        "--serving-token",
+        default=os.environ.get("STREAMREC_SERVING_TOKEN"),
+        help="serving bearer token (default: $STREAMREC_SERVING_TOKEN)",
+    )
+    parser.add_argument(
         "--serving",
         help="serving API base URL: ask it for every slate (it logs the impressions); "
         "default: rank in-process with the parameter store's policies",
@@ -62,6 +67,7 @@ def make_simulation(
     epsilon: float = 0.05,
     store: ParamStore | None = None,
     serving_url: str | None = None,
+    serving_token: str | None = None,
     redis_settings: RedisSettings | None = None,
 ) -> tuple[Simulation, SlateSource]:
     """The demo world driven through serving (``serving_url``) or local policies.
@@ -78,7 +84,9 @@ def make_simulation(
             publish_world_catalog(world, client, redis_settings.keys())
         finally:
             client.close()
-        source = ServingSource.from_url(serving_url, slate_size=DEMO_WORLD.slate_size)
+        source = ServingSource.from_url(
+            serving_url, slate_size=DEMO_WORLD.slate_size, token=serving_token
+        )
     else:
         source = LocalPolicies.from_store(
             store, BanditsSettings(), slate_size=DEMO_WORLD.slate_size, epsilon=epsilon, seed=seed
@@ -103,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         epsilon=args.epsilon,
         store=store,
         serving_url=args.serving,
+        serving_token=args.serving_token,
     )
     thread = threading.Thread(target=simulation.run, args=(args.duration,), daemon=True)
     thread.start()

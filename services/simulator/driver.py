@@ -172,9 +172,13 @@ class ServingSource:
         self._versions: dict[str, int] = {}
 
     @classmethod
-    def from_url(cls, base_url: str, *, slate_size: int, workers: int = 4) -> ServingSource:
+    def from_url(
+        cls, base_url: str, *, slate_size: int, workers: int = 4, token: str | None = None
+    ) -> ServingSource:
+        """A source asking ``base_url``, with ``Authorization: Bearer <token>`` if given."""
         limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
-        client = httpx.Client(base_url=base_url, timeout=10, limits=limits)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        client = httpx.Client(base_url=base_url, timeout=10, limits=limits, headers=headers)
         return cls(client, slate_size=slate_size, workers=workers)
 
     def version(self, name: str) -> int:

@@ -81,14 +81,28 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 TOKEN_FILE = "gateway-token"  # noqa: S105 - a file name
+SERVING_TOKEN_FILE = "serving-token"  # noqa: S105 - a file name
+#: Services whose /metrics is on their HTTP port; the others' (serving's HTTP
+#: /metrics needs its token) is on their runtime metrics port.
+METRICS_ON_HTTP_PORT = frozenset({"gateway"})
 
 
 def gateway_token(run_dir: Path) -> str:
     """The gateway's bearer token: ``STREAMREC_GATEWAY_TOKEN`` if set, else one
     generated for this run directory and kept in ``RUN_DIR/gateway-token`` (mode 0600)."""
-    if token := os.environ.get("STREAMREC_GATEWAY_TOKEN"):
+    return _token(run_dir, "STREAMREC_GATEWAY_TOKEN", TOKEN_FILE)
+
+
+def serving_token(run_dir: Path) -> str:
+    """Serving's bearer token: ``STREAMREC_SERVING_TOKEN`` if set, else one generated
+    for this run directory and kept in ``RUN_DIR/serving-token`` (mode 0600)."""
+    return _token(run_dir, "STREAMREC_SERVING_TOKEN", SERVING_TOKEN_FILE)
+
+
+def _token(run_dir: Path, variable: str, file_name: str) -> str:
+    if token := os.environ.get(variable):
         return token
-    path = run_dir / TOKEN_FILE
+    path = run_dir / file_name
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
@@ -114,10 +128,7 @@ def write_prometheus_config(run_dir: Path, services: dict[str, dict]) -> Path:
     directory = run_dir.resolve() / "prometheus"
     directory.mkdir(parents=True, exist_ok=True)
     targets = [
-        {
-            "targets": [f"127.0.0.1:{info['http_port'] or info['metrics_port']}"],
-            "labels": {"component": name},
-        }
+        {"targets": [f"127.0.0.1:{metrics_port(name, info)}"], "labels": {"component": name}}
         for name, info in services.items()
     ]
     (directory / "targets.json").write_text(json.dumps(targets, indent=2))
@@ -134,6 +145,13 @@ def write_prometheus_config(run_dir: Path, services: dict[str, dict]) -> Path:
     path = directory / "prometheus.yml"
     path.write_text(json.dumps(config, indent=2))
     return path
+
+
+def metrics_port(name: str, info: dict) -> int:
+    """The port where service ``name`` (``stack.json``'s ``info``) serves /metrics openly."""
+    if name in METRICS_ON_HTTP_PORT and info["http_port"]:
+        return int(info["http_port"])
+    return int(info["metrics_port"])
 
 
 def _read_state(run_dir: Path) -> dict | None:
@@ -226,7 +244,11 @@ def up(args: argparse.Namespace) -> int:
                 }
                 supervisor.add(name, gateway_env, gateway_port)
             elif name == "serving":
-                supervisor.add(name, {"STREAMREC_SERVING_PORT": str(serving_port)}, serving_port)
+                serving_env = {
+                    "STREAMREC_SERVING_PORT": str(serving_port),
+                    "STREAMREC_SERVING_TOKEN": serving_token(run_dir),
+                }
+                supervisor.add(name, serving_env, serving_port)
             else:
                 supervisor.add(name)
 
@@ -261,6 +283,11 @@ def up(args: argparse.Namespace) -> int:
                 f"gateway: http://127.0.0.1:{gateway_port}/v1/clicks "
                 f"(bearer token in {run_dir / TOKEN_FILE})"
             )
+        if "serving" in supervisor.services:
+            print(
+                f"serving: http://127.0.0.1:{serving_port}/v1/rank "
+                f"(bearer token in {run_dir / SERVING_TOKEN_FILE})"
+            )
 
         demo = None
         if args.simulate:
@@ -271,6 +298,7 @@ def up(args: argparse.Namespace) -> int:
                 rate=args.rate,
                 gateway_port=gateway_port if "gateway" in supervisor.services else None,
                 gateway_token=gateway_token(run_dir),
+                serving_token=serving_token(run_dir),
             )
             demo.start()
         deadline = time.monotonic() + args.duration if args.duration else None
@@ -328,8 +356,7 @@ def status(args: argparse.Namespace) -> int:
         return 1
     print(f"stack pid {state['pid']}  kafka {state['kafka']}  redis {state['redis']}")
     for name, info in state["services"].items():
-        # HTTP services serve /metrics on their own port; consumers on a metrics port.
-        port = info["http_port"] or info["metrics_port"]
+        port = metrics_port(name, info)
         try:
             httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).raise_for_status()
             health = "up"

@@ -65,6 +65,7 @@ class Demo:
         rate: float,
         gateway_port: int | None,
         gateway_token: str | None = None,
+        serving_token: str | None = None,
     ) -> None:
         if gateway_port is None:
             raise ValueError("the demo drives the stack through the gateway; start it too")
@@ -84,6 +85,7 @@ class Demo:
             rate=rate,
             store=self.store,
             serving_url=serving_url,
+            serving_token=serving_token,
             redis_settings=redis_settings,
         )
         mode = "serving (closed loop)" if serving_url else "in-process policies (no serving)"

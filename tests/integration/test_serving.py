@@ -22,6 +22,7 @@ import redis
 import uvicorn
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
 from contracts.events import Click, decode_click, decode_feedback, decode_impression
 from contracts.ids import item_labels
@@ -50,6 +51,8 @@ pytestmark = pytest.mark.integration
 
 BANDITS = BanditsSettings(policies={"linucb": {"learner": "linucb", "alpha": 0.5}})
 N_ITEMS = 40
+TOKEN = "serving-test-token"  # noqa: S105 - the tests' own bearer token
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
@@ -64,7 +67,9 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str) -> No
 def serving(
     kafka: str, redis_url: str, keys: KeySpace, topics: TopicSettings, **overrides: object
 ) -> Iterator[tuple[httpx.Client, ServingStack]]:
-    """A ServingStack behind uvicorn on a free port; yields an HTTP client and the stack."""
+    """A ServingStack behind uvicorn on a free port; yields an HTTP client (sending the
+    bearer token) and the stack."""
+    overrides.setdefault("token", SecretStr(TOKEN))
     settings = ServingSettings(
         port=free_port(),
         seed=0,
@@ -89,7 +94,9 @@ def serving(
     thread.start()
     wait_until(lambda: server.started, 30, "uvicorn")
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{settings.port}", timeout=30) as client:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{settings.port}", timeout=30, headers=AUTH
+        ) as client:
             yield client, stack
     finally:
         server.should_exit = True

@@ -25,7 +25,8 @@ TS = 1.7e9
 
 def reference(token: str, dim: int) -> tuple[int, int]:
     """The scheme as docs/decisions.md writes it, independently of the module's code."""
-    digest = hashlib.blake2b(b"streamrec-fh-v1\x00" + token.encode("utf-8"), digest_size=64).digest()
+    message = b"streamrec-fh-v1\x00" + token.encode("utf-8")
+    digest = hashlib.blake2b(message, digest_size=64).digest()
     return int.from_bytes(digest[:8], "little") % dim, (-1 if digest[8] & 1 else 1)
 
 
@@ -43,9 +44,8 @@ def test_the_documented_test_vectors():
 
 
 def test_tokens_combine_names_and_values_as_documented():
-    tokens = list(
-        feature_tokens({"country": "de", "premium": False, "age": 3, "score": -0.5, "t": ["x", "y"]})
-    )
+    features = {"country": "de", "premium": False, "age": 3, "score": -0.5, "t": ["x", "y"]}
+    tokens = list(feature_tokens(features))
     assert tokens == [
         ("country=de", 1.0),
         ("premium=false", 1.0),
