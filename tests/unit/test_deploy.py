@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from services.stack.command import STACK_SERVICES, write_prometheus_config
+from services.stack.command import STACK_SERVICES, metrics_port, write_prometheus_config
 
 try:
     import yaml
@@ -31,6 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 HTTP_SERVICES = {"gateway": 8080, "serving": 8090}
 METRICS_PORT = 9100
+#: Where each service's /metrics is open: the gateway's HTTP port; everyone else's
+#: runtime metrics port (serving's HTTP /metrics needs its bearer token).
+OPEN_METRICS = {"gateway": 8080}
 _DECLARED = re.compile(r"\b(Counter|Gauge|Histogram)\(\s*\"(streamrec_\w+)\"")
 _REFERENCED = re.compile(r"\bstreamrec_\w+")
 
@@ -193,7 +196,7 @@ def test_the_compose_prometheus_scrapes_every_service_on_its_metrics_port():
     assert config["rule_files"] == ["alerts.yml"]
     job = next(j for j in config["scrape_configs"] if j["job_name"] == "streamrec")
     targets = {t for group in job["static_configs"] for t in group["targets"]}
-    assert targets == {f"{name}:{HTTP_SERVICES.get(name, METRICS_PORT)}" for name in STACK_SERVICES}
+    assert targets == {f"{name}:{OPEN_METRICS.get(name, METRICS_PORT)}" for name in STACK_SERVICES}
 
 
 @needs_yaml
@@ -203,7 +206,7 @@ def test_the_kubernetes_prometheus_finds_every_metrics_service():
     for sd in config["scrape_configs"][0]["dns_sd_configs"]:
         for name in sd["names"]:
             found[name.split("-metrics.")[0]] = sd["port"]
-    assert found == {name: HTTP_SERVICES.get(name, METRICS_PORT) for name in STACK_SERVICES}
+    assert found == {name: OPEN_METRICS.get(name, METRICS_PORT) for name in STACK_SERVICES}
 
 
 def test_streamrec_up_writes_file_sd_targets_for_every_process(tmp_path):
@@ -221,6 +224,12 @@ def test_streamrec_up_writes_file_sd_targets_for_every_process(tmp_path):
         {"targets": ["127.0.0.1:5001"], "labels": {"component": "gateway"}},
         {"targets": ["127.0.0.1:4002"], "labels": {"component": "joiner"}},
     ]
+
+
+def test_streamrec_up_scrapes_serving_on_its_open_metrics_port_not_the_authenticated_one():
+    serving = {"metrics_port": 4003, "http_port": 5003}
+    assert metrics_port("serving", serving) == 4003
+    assert metrics_port("gateway", {"metrics_port": 4001, "http_port": 5001}) == 5001
 
 
 # -- docker compose -----------------------------------------------------------------
@@ -256,6 +265,27 @@ def test_compose_runs_every_service_with_real_settings_names(env_names):
         assert not unknown, f"{name}: no settings class reads {sorted(unknown)}"
     assert services["topics"]["command"] == ["topics"]
     assert services["gateway"]["environment"]["STREAMREC_GATEWAY_TOKEN"].startswith("${")
+    assert services["serving"]["environment"]["STREAMREC_SERVING_TOKEN"].startswith("${")
+
+
+def _published(port: str | int) -> tuple[str, str]:
+    """(host address, host port) of a compose ``ports`` entry; address "" = every interface."""
+    parts = str(port).split(":")
+    if len(parts) == 3:
+        return parts[0], parts[1]
+    return "", parts[0]
+
+
+@needs_yaml
+def test_compose_publishes_serving_and_prometheus_on_loopback_only():
+    services = _compose()["services"]
+    for name in ("serving", "prometheus"):
+        published = [_published(p) for p in services[name].get("ports", [])]
+        assert published, f"{name} publishes no port (the docs say where to reach it)"
+        for address, _ in published:
+            assert address == "127.0.0.1", f"{name} is published on every host interface"
+    example = (DEPLOY / "compose" / "example.env").read_text()
+    assert "STREAMREC_SERVING_TOKEN=" in example
 
 
 @needs_yaml
@@ -299,13 +329,17 @@ def test_k8s_has_one_deployment_per_service_with_resources_and_probes():
         assert requests["cpu"] and requests["memory"], name
         assert container["resources"]["limits"]["memory"], name
         ports = {p["containerPort"] for p in container["ports"]}
-        assert ports == {HTTP_SERVICES.get(name, METRICS_PORT)}, name
+        expected = {HTTP_SERVICES.get(name, METRICS_PORT), OPEN_METRICS.get(name, METRICS_PORT)}
+        assert ports == expected, name
+        assert not any("hostPort" in p for p in container["ports"]), name
         for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
             assert container[probe]["httpGet"]["port"] in ports, f"{name} {probe}"
         if name in HTTP_SERVICES:
             assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
-        # Liveness must not depend on a model being published, or pods restart forever.
+        # Liveness must not depend on a model being published, or pods restart forever,
+        # nor on a token the kubelet does not send (serving's HTTP /metrics needs one).
         assert container["livenessProbe"]["httpGet"]["path"] == "/metrics"
+        assert container["livenessProbe"]["httpGet"]["port"] == OPEN_METRICS.get(name, METRICS_PORT)
 
 
 @needs_yaml
@@ -323,7 +357,12 @@ def test_k8s_config_is_real_settings_names_and_every_reference_resolves(env_name
     secret = secrets["streamrec-secrets"]["stringData"]
     unknown = (set(config) | set(secret)) - env_names
     assert not unknown, f"no settings class reads {sorted(unknown)}"
-    assert {"REDIS_PASSWORD", "STREAMREC_GATEWAY_TOKEN", "KAFKA_SASL_PASSWORD"} <= set(secret)
+    assert {
+        "REDIS_PASSWORD",
+        "STREAMREC_GATEWAY_TOKEN",
+        "STREAMREC_SERVING_TOKEN",
+        "KAFKA_SASL_PASSWORD",
+    } <= set(secret)
     claims = _objects("PersistentVolumeClaim")
     for deployment in _objects("Deployment").values():
         pod = deployment["spec"]["template"]["spec"]
@@ -352,4 +391,10 @@ def test_k8s_services_expose_gateway_and_serving_and_every_metrics_port():
     for name in STACK_SERVICES:
         metrics = services[f"{name}-metrics"]["spec"]
         assert metrics["clusterIP"] == "None"
-        assert metrics["ports"][0]["port"] == HTTP_SERVICES.get(name, METRICS_PORT)
+        assert metrics["ports"][0]["port"] == OPEN_METRICS.get(name, METRICS_PORT)
+
+
+@needs_yaml
+def test_k8s_publishes_nothing_on_node_ports_or_load_balancers():
+    for name, service in _objects("Service").items():
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", name
