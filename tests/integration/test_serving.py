@@ -313,13 +313,14 @@ def test_parameter_store_unreachable_serves_last_good_params(
         ("GET", {"params": {"user_id": "u1", "k": 101}}, "k must be an integer from 1 to 100"),
         ("GET", {"params": {"user_id": "x" * 129}}, "user_id must be a string"),
         ("GET", {"params": {"user_id": "u1", "debug": 1}}, "unknown query parameter 'debug'"),
-        ("POST", {"content": b"not json"}, "body must be a JSON object"),
+        ("POST", {"content": b"not json"}, "malformed: JSON is malformed"),
         ("POST", {"json": {"k": 3}}, "missing required field `user_id`"),
         ("POST", {"json": {"user_id": "u1", "extra": 1}}, "unknown field `extra`"),
-        ("POST", {"json": {"user_id": 7}}, "user_id must be a string"),
-        ("POST", {"json": {"user_id": "u1", "context": [1.0]}}, "context must hold 9 numbers"),
-        ("POST", {"json": {"user_id": "u1", "context": ["a"] * 9}}, "context must be a list"),
-        ("POST", {"json": {"user_id": "u1", "k": 2.5}}, "k must be an integer"),
+        ("POST", {"json": {"user_id": 7}}, "Expected `str`, got `int` - at `$.user_id`"),
+        ("POST", {"json": {"user_id": "u1", "context": [1.0]}}, "length >= 9 - at `$.context`"),
+        ("POST", {"json": {"user_id": "u1", "context": ["a"] * 9}}, "at `$.context[0]`"),
+        ("POST", {"json": {"user_id": "u1", "k": 2.5}}, "got `float` - at `$.k`"),
+        ("POST", {"json": {"user_id": "u1", "k": 101}}, "<= 100 - at `$.k`"),
     ],
 )
 def test_bad_input_gets_400_with_reasons(
@@ -429,13 +430,17 @@ def test_closed_loop_feedback_advances_the_served_model(
 
 
 @pytest.mark.parametrize(
-    "body",
+    ("body", "reason"),
     [
-        b'{"user_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-        b'{"user_id": "u1", "context": ' + b"[" * 100_000,
-        b'{"user_id": "u1", "k": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"}",
+        (b'{"user_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "at `$.user_id`"),
+        (b'{"user_id": "u1", "context": ' + b"[" * 100_000, "at `$.context[0]`"),
+        (
+            b'{"user_id": "u1", "k": ' + b'{"a": ' * 100_000 + b"1" + b"}" * 100_000 + b"}",
+            "at `$.k`",
+        ),
+        (b"[" * 100_000 + b"]" * 100_000, "Expected `object`, got `array`"),
     ],
-    ids=["arrays", "unclosed-context", "objects"],
+    ids=["arrays", "unclosed-context", "objects", "top-level"],
 )
 def test_deeply_nested_json_is_a_400_not_a_500(
     kafka_bootstrap: str,
@@ -444,12 +449,16 @@ def test_deeply_nested_json_is_a_400_not_a_500(
     keyspace: KeySpace,
     topics: TopicSettings,
     body: bytes,
+    reason: str,
 ) -> None:
+    """The typed decoder refuses a nested value where it expects another type, before
+    descending into it (decode_json would turn a recursion error into a 400 too)."""
     publish_catalog(redis_client, keyspace, *catalog_features())
     with serving(kafka_bootstrap, redis_url, keyspace, topics) as (client, _):
-        response = client.post("/v1/recommendations", content=body)
-        assert response.status_code == 400, response.text
-        assert "nested too deeply" in response.json()["reasons"][0]
+        for path in ("/v1/recommendations", "/v1/rank"):
+            response = client.post(path, content=body)
+            assert response.status_code == 400, response.text
+            assert reason in response.json()["reasons"][0]
 
 
 def test_serving_starts_and_answers_while_kafka_is_down_and_logs_impressions_once_it_is_back(
