@@ -2,7 +2,7 @@
 
 :mod:`services.models.export` writes a version of a model to a safetensors file
 that carries its headers and checksums, and publishes such a file into a
-parameter store again (docs/decisions.md §17); :mod:`services.models.command`
+parameter store again (docs/decisions.md §19); :mod:`services.models.command`
 is ``streamrec models list|show|pin|unpin|rollback|export|import``, a thin shell
 over these functions and the :class:`~services.paramstore.ParamStore` methods.
 """

@@ -1,6 +1,6 @@
 """A model version as one portable safetensors file, and back into a parameter store.
 
-The file (docs/decisions.md §17) holds one tensor per array of each part, named
+The file (docs/decisions.md §19) holds one tensor per array of each part, named
 ``<part>/<array>``, and three ``__metadata__`` entries: ``format``
 (``"streamrec-model"``), ``header`` (JSON text: model, source version, learner and
 hyperparameters, and each part's original :mod:`contracts.params` header and blob
@@ -66,7 +66,7 @@ class ModelFile:
     source_version: int
     """Its version in the store it was exported from."""
     header: dict[str, Any]
-    """The whole file header (see docs/decisions.md §17)."""
+    """The whole file header (see docs/decisions.md §19)."""
     blobs: dict[str, bytes]
     """Part name → the part's blob, byte for byte the one that was exported."""
 
