@@ -43,6 +43,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "services.catalog",
             "services.joiner",
             "services.gateway.sdk",
+            "services.guard",
         ),
     ),
     (
@@ -53,6 +54,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "services.embeddings.service",
             "services.joiner.service",
             "services.sequences.service",
+            "services.guard.service",
             "services.gateway",
             "services.serving",
             "services.apps",
