@@ -11,11 +11,13 @@ one seen there, so arriving this late) is not counted: which feedback is counted
 then a function of the partition's log alone.
 
 :class:`Watch` merges the partitions it is given, scans each guarded policy after
-every bucket that closes (:func:`services.guard.sequential.scan`) and returns an
+every bucket that closes in all of them (:meth:`Watch.horizon`) with
+:func:`services.guard.sequential.scan`, and returns an
 :class:`Alarm` when a policy's statistic reaches the threshold. The last good
 version is the newest one seen serving the policy ``margin_buckets`` before the
-estimated change point. After an alarm, or when told to (:meth:`Watch.reset`, when
-a pin is set or removed), a policy's test starts afresh: buckets before the reset
+estimated change point. After an alarm (unless :meth:`Watch.retry` undoes it), or
+when told to (:meth:`Watch.reset`, when a pin is set or removed), a policy's test
+starts afresh: buckets before the reset
 are neither references nor candidates, which is what keeps distinct alarms on
 distinct change points (the false-alarm bound of :mod:`services.guard.sequential`).
 
@@ -130,6 +132,8 @@ class Alarm:
     mode: Mode
     reference: str
     bucket_s: float
+    #: The policy's reset point before the alarm moved it (see :meth:`Watch.retry`).
+    floor_before: int | None = None
 
     def reason(self) -> str:
         """Why, in one line: what a pin records and the log says."""
@@ -199,10 +203,19 @@ class Watch:
         )
 
     def horizon(self, partitions: Iterable[PartitionCounts]) -> float:
-        """The newest closed bucket over the partitions (-inf before any feedback)."""
-        return max(
-            (p.closed(self.lateness_s, self.bucket_s) for p in partitions), default=-math.inf
-        )
+        """The newest bucket closed in every active partition (-inf before any feedback).
+
+        A partition is active unless it is a whole scan span (reference and window)
+        behind the newest one: one partition's feedback read far ahead of another's
+        (a catch-up after a restart) does not close buckets the other still fills,
+        and a partition that went quiet does not hold the test back.
+        """
+        closed = [p.closed(self.lateness_s, self.bucket_s) for p in partitions]
+        closed = [c for c in closed if c != -math.inf]
+        if not closed:
+            return -math.inf
+        active = max(closed) - self.design.span
+        return min(c for c in closed if c >= active)
 
     def reset(self, policy: str, partitions: Iterable[PartitionCounts]) -> None:
         """Start ``policy``'s test afresh from the next bucket to close."""
@@ -256,6 +269,7 @@ class Watch:
         if not result.alarm(self.design) or result.change is None:
             return None
         change = start + result.change
+        floor_before = self.floors.get(policy)
         self.floors[policy] = bucket + 1
         return Alarm(
             policy=policy,
@@ -267,7 +281,17 @@ class Watch:
             mode=self.mode,
             reference=self.reference,
             bucket_s=self.bucket_s,
+            floor_before=floor_before,
         )
+
+    def retry(self, alarm: Alarm) -> None:
+        """Undo the restart ``alarm`` made, so that the next bucket to close is tested
+        against the same references (and, the drop persisting, alarms again): for an
+        alarm whose action failed for a passing reason."""
+        if alarm.floor_before is None:
+            self.floors.pop(alarm.policy, None)
+        else:
+            self.floors[alarm.policy] = alarm.floor_before
 
     def _last_good(self, table: np.ndarray, lo: int, start: int, change: int) -> int | None:
         """The newest version seen before ``change - margin`` (before ``change`` if the
