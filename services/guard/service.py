@@ -326,7 +326,7 @@ class GuardProcessor(Processor):
         return self.partitions[partition].encode(self.watch.floors)
 
     def restore(self, partition: int, checkpoint: Checkpoint | None) -> Mapping[str, int] | None:
-        counts, floors = PartitionCounts(), {}
+        counts, floors = PartitionCounts(), dict[str, int]()
         if checkpoint is not None and checkpoint.state:
             counts, floors = PartitionCounts.decode(checkpoint.state)
         self.partitions[partition] = counts
