@@ -208,6 +208,8 @@ class GuardProcessor(Processor):
         for policy in settings.policies:
             self.metrics.tripped.labels(policy).set(0)
             self.metrics.statistic.labels(policy).set(0)
+            self.metrics.alarms.labels(policy)
+            self.metrics.pin_failures.labels(policy)
 
     # -- the batch path ---------------------------------------------------------------
 
