@@ -396,3 +396,27 @@ def test_a_pin_is_atomic_under_query_load(
     # Every read saw one whole version, and that version's own content.
     assert all(published[version] == value for version, value, _ in reads)
     assert {pinned for _, _, pinned in reads} == {True, False}
+
+
+def test_a_publish_stays_cheap_with_thousands_of_retained_versions(
+    redis_client: redis.Redis, keyspace: KeySpace, model: str
+) -> None:
+    clock = Clock()
+    store = make_store(redis_client, keyspace, clock=clock)
+
+    def commands() -> int:
+        stats = redis_client.info("commandstats")
+        return sum(int(entry["calls"]) for entry in stats.values())
+
+    steady = {f"p{i}": blob(model, -float(i)) for i in range(1, 4)}
+    costs = []
+    for step in range(3000):
+        clock.now += 1.0  # one per second: the policy keeps them all for an hour
+        before = commands()
+        store.publish(model, {"p0": blob(model, float(step)), **steady})
+        costs.append(commands() - before)
+    assert len(store.versions(model)) == 3000
+    assert min(costs) > 20, "commandstats counts the commands scripts run"
+    # Redis commands a publish runs (the script's included): the same at 30 versions
+    # as at 3,000, not one walk over the manifests.
+    assert max(costs[-100:]) <= max(costs[20:120]) <= 80
