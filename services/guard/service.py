@@ -93,9 +93,10 @@ class GuardSettings(BaseSettings):
     takes as the level before the change."""
     lateness_s: float = Field(2.0, ge=0)
     """``STREAMREC_GUARD_LATENESS_S``: a bucket closes when feedback this much newer arrived."""
-    rollback_margin_s: float = Field(10.0, ge=0)
+    rollback_margin_s: float = Field(30.0, ge=0)
     """``STREAMREC_GUARD_ROLLBACK_MARGIN_S``: pin the version that served this long before
-    the estimated change point."""
+    the estimated change point (which lags the start of a harm that builds up gradually:
+    by 11 to 16 s on the simulator, benchmarks/results/guard.json)."""
     pin_check_s: float = Field(1.0, gt=0)
     """``STREAMREC_GUARD_PIN_CHECK_S``: how often the models' pins are read (to see an unpin)."""
 

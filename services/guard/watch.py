@@ -162,7 +162,7 @@ class Watch:
         design: Design,
         bucket_s: float,
         lateness_s: float = 2.0,
-        margin_buckets: int = 10,
+        margin_buckets: int = 30,
     ) -> None:
         if not policies:
             raise ValueError("no policies to guard")
