@@ -44,6 +44,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "services.catalog",
             "services.joiner",
             "services.gateway.sdk",
+            "services.guard",
         ),
     ),
     (
@@ -54,6 +55,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "services.embeddings.service",
             "services.joiner.service",
             "services.sequences.service",
+            "services.guard.service",
             "services.gateway",
             "services.serving",
             "services.apps",

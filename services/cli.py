@@ -4,7 +4,7 @@ streamrec up [--run-dir DIR] [--kafka HOST:PORT] [--redis URL] [--partitions N]
              [--services a,b,...] [--gateway-port PORT]
              [--simulate [--duration S] [--rate R] [--seed N]]
 streamrec down | status [--run-dir DIR]
-streamrec run SERVICE            (gateway, joiner, bandits, sequences, embeddings, drn, serving)
+streamrec run SERVICE  (gateway, joiner, bandits, sequences, embeddings, drn, guard, serving)
 streamrec simulate [--gateway URL [--token T]] [--serving URL] [--rate R] [--duration S]
                    [--seed N] [--epsilon E]
 streamrec evaluate [--policies a,b,... --steps N --seed N --seeds N --scenario S --window W

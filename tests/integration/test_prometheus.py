@@ -53,6 +53,14 @@ def test_promtool_accepts_the_alert_rules():
     assert "SUCCESS" in result.stdout
 
 
+def test_promtool_fires_the_guard_alert_while_the_guard_pin_stands():
+    # Unit tests of the rule (series in, alerts out) next to this file.
+    rules_test = ROOT / "tests" / "integration" / "promtool" / "guard_alert.yml"
+    result = _promtool("test", "rules", str(rules_test))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
 @pytest.mark.parametrize("config", ["prometheus.yml", "kubernetes.yml"])
 def test_promtool_accepts_the_scrape_configs(config):
     result = _promtool("check", "config", config)
