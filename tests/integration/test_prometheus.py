@@ -238,7 +238,13 @@ def test_a_real_prometheus_scrapes_the_embedded_stack(prometheus: PrometheusAPI)
     # Every dashboard and alert expression is valid PromQL for this Prometheus, and
     # every metric they name is either scraped now or declared in the code (series
     # of services not started here, or that need traffic this run does not make).
-    expressions = [e.replace("$__rate_interval", "1m") for e in dashboard_expressions()]
+    # Grafana's range variables become fixed durations.
+    grafana = {"$__rate_interval": "1m", "$__range": "1h"}
+    expressions = []
+    for expr in dashboard_expressions():
+        for variable, duration in grafana.items():
+            expr = expr.replace(variable, duration)
+        expressions.append(expr)
     expressions += [r["query"] for r in rules]
     for expr in expressions:
         api.query(expr)
