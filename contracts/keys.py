@@ -48,6 +48,26 @@ class KeySpace:
         """One encoded part, named by its sha256: the same content is one key."""
         return f"{self.namespace}:params:{{{model}}}:blob:{part}:{digest}"
 
+    def params_history(self, model: str) -> str:
+        """Sorted set: retained version -> its publish time (Redis TIME, microseconds)."""
+        return f"{self.namespace}:params:{{{model}}}:history"
+
+    def params_pin(self, model: str) -> str:
+        """Hash (version, reason, by, at): the version served instead of the newest."""
+        return f"{self.namespace}:params:{{{model}}}:pin"
+
+    def params_refs(self, model: str) -> str:
+        """Hash: blob key -> how many retained manifests name it."""
+        return f"{self.namespace}:params:{{{model}}}:refs"
+
+    def params_sizes(self, model: str) -> str:
+        """Hash: blob key -> its bytes, for every blob a retained manifest names."""
+        return f"{self.namespace}:params:{{{model}}}:sizes"
+
+    def params_retention(self, model: str) -> str:
+        """Hash: live blob bytes, the last publish time and the retention tiers' cursors."""
+        return f"{self.namespace}:params:{{{model}}}:retention"
+
     def params_fence(self, model: str) -> str:
         return f"{self.namespace}:params:{{{model}}}:fence"
 

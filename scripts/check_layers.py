@@ -8,9 +8,10 @@ its own component and anything in a lower layer, nothing else::
 Components of one layer are independent of each other (a learner does not import
 a store, one app does not import another). The tools are ordered among
 themselves (the simulator is used by evaluation, both by the stack, all by the
-CLI). Each project import inside a function body must give its reason in a
-comment on its line (an optional dependency, start-up cost), or it is reported
-too: imports at the top of a module are what a reader sees.
+CLI; the model tools sit between evaluation and the stack). Each project import
+inside a function body must give its reason in a comment on its line (an
+optional dependency, start-up cost), or it is reported too: imports at the top
+of a module are what a reader sees.
 
 Run: ``python scripts/check_layers.py`` (``make lint`` does); exit status 1 on a
 violation, with one line per violation.
@@ -43,6 +44,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "services.catalog",
             "services.joiner",
             "services.gateway.sdk",
+            "services.guard",
         ),
     ),
     (
@@ -53,6 +55,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "services.embeddings.service",
             "services.joiner.service",
             "services.sequences.service",
+            "services.guard.service",
             "services.gateway",
             "services.serving",
             "services.apps",
@@ -60,6 +63,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("simulator", ("services.simulator",)),
     ("evaluation", ("services.evaluation",)),
+    ("models", ("services.models",)),
     ("stack", ("services.stack",)),
     ("cli", ("services.cli",)),
 )

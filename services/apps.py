@@ -16,6 +16,7 @@ SERVICES = {
     "sequences": "services.sequences.service:main",
     "embeddings": "services.embeddings.service:main",
     "drn": "services.drn.service:main",
+    "guard": "services.guard.service:main",
     "serving": "services.serving.api:main",
 }
 

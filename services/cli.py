@@ -4,12 +4,13 @@ streamrec up [--run-dir DIR] [--kafka HOST:PORT] [--redis URL] [--partitions N]
              [--services a,b,...] [--gateway-port PORT]
              [--simulate [--duration S] [--rate R] [--seed N]]
 streamrec down | status [--run-dir DIR]
-streamrec run SERVICE            (gateway, joiner, bandits, sequences, embeddings, drn, serving)
+streamrec run SERVICE  (gateway, joiner, bandits, sequences, embeddings, drn, guard, serving)
 streamrec simulate [--gateway URL [--token T]] [--serving URL] [--rate R] [--duration S]
                    [--seed N] [--epsilon E]
 streamrec evaluate [--policies a,b,... --steps N --seed N --seeds N --scenario S --window W
                     --out DIR] [--replay FILE | --ips FILE] [--logging-policy P]
                    [--train-fraction F]
+streamrec models list|show|pin|unpin|rollback|export|import ...  (see services/models/command.py)
 streamrec topics                 (create the topics on the configured Kafka)
 streamrec schemas [--check]      (write or check contracts/schemas/*.json)"""
 
@@ -25,6 +26,7 @@ from services.apps import SERVICES, available_services
 from services.common.settings import KafkaSettings, TopicSettings
 from services.common.topics import create_topics
 from services.evaluation import command as evaluate_command
+from services.models import command as models_command
 from services.simulator import command as simulate_command
 from services.stack import command as stack_command
 
@@ -83,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", stack_command.add_run_dir_argument, stack_command.status),
         ("simulate", simulate_command.add_arguments, simulate_command.run),
         ("evaluate", evaluate_command.add_arguments, evaluate_command.run),
+        ("models", models_command.add_arguments, models_command.run),
     ):
         sub = commands.add_parser(name, help=(func.__doc__ or "").strip().split("\n")[0])
         add(sub)

@@ -13,7 +13,8 @@ a poll that raises, a topic that refuses records, a log whose start moved
 Stand-ins for the Redis-backed stores the service processors write to, with only
 the methods those processors call: :class:`MemorySequenceStore` (the sequences
 service's :class:`~services.sequences.store.SequenceStore`), :class:`MemoryParamStore`
-(:class:`~services.paramstore.ParamStore`'s ``publish``, for bandits and DRN) and
+(:class:`~services.paramstore.ParamStore`'s ``publish``, for bandits and DRN, and its
+pins and history, for the guard) and
 :class:`MemorySnapshotPublisher` (the embeddings service's
 :class:`~services.embeddings.service.SnapshotPublisher`). They keep the semantics
 the processors rely on (offset marks, fencing tokens), not the Redis protocol.
@@ -36,7 +37,7 @@ from kafka.errors import KafkaError, OffsetOutOfRangeError
 from contracts.params import verify_params
 from services.common.checkpoint import Checkpoint, Fenced
 from services.common.runtime import Connections, Record
-from services.paramstore import StalePublish
+from services.paramstore import ModelNotFound, Pin, StalePublish, VersionInfo
 from services.sequences import store as sequence_store
 
 _json = msgspec.json.Encoder()
@@ -371,12 +372,18 @@ class MemoryParamStore:
     """:class:`~services.paramstore.ParamStore`'s ``publish`` in a dict: blobs must verify
     and name the model; a part whose fencing token is below the highest its owner
     published is skipped, and :class:`~services.paramstore.StalePublish` is raised if
-    every part was; parts not named keep their earlier blobs."""
+    every part was; parts not named keep their earlier blobs.
+
+    Pins and history as the guard uses them: ``pin`` refuses a version not retained
+    (every published version is, unless a test removes it from ``versions``), ``unpin``
+    returns the pin removed. ``failures`` are raised by the next pin calls, in order."""
 
     def __init__(self) -> None:
         self.versions: dict[str, list[Published]] = defaultdict(list)
         self.fences: dict[tuple[str, str], tuple[str, int]] = {}
         self.fenced: list[tuple[str, str]] = []
+        self.pins: dict[str, Pin] = {}
+        self.failures: list[Exception] = []
 
     def publish(
         self,
@@ -411,6 +418,35 @@ class MemoryParamStore:
 
     def latest(self, model: str) -> Published:
         return self.versions[model][-1]
+
+    def pin(self, model: str, version: int, *, reason: str, by: str = "operator") -> Pin:
+        if self.failures:
+            raise self.failures.pop(0)
+        if version not in {p.version for p in self.versions.get(model, [])}:
+            raise ModelNotFound(model, f"version {version} is not retained")
+        self.pins[model] = Pin(version, reason, by, time.time())
+        return self.pins[model]
+
+    def unpin(self, model: str) -> Pin | None:
+        return self.pins.pop(model, None)
+
+    def pin_of(self, model: str) -> Pin | None:
+        return self.pins.get(model)
+
+    def history(self, model: str) -> list[VersionInfo]:
+        pinned = self.pins.get(model)
+        return [
+            VersionInfo(
+                version=p.version,
+                published_at=0.0,
+                digests={},
+                size_bytes=sum(len(b) for b in p.parts.values()),
+                offsets={},
+                events=None,
+                pinned=pinned is not None and pinned.version == p.version,
+            )
+            for p in self.versions.get(model, [])
+        ]
 
 
 class MemorySnapshotPublisher:

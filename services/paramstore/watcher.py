@@ -1,7 +1,8 @@
-"""Hot reloading: follow a model's current version and swap in what is built from it.
+"""Hot reloading: follow the version a model serves and swap in what is built from it.
 
-A background thread reads the model's current version and its digest
-(:meth:`ParamStore.head`, one small script) every ``poll_interval_s``. When
+A background thread reads the version served (the pinned one while the model is
+pinned, else the newest) and its digest (:meth:`ParamStore.head`, one small
+script) every ``poll_interval_s``; the digest changes when a pin is set or lifted. When
 either changes, the thread loads the version with
 :meth:`ParamStore.latest`, builds the serving object from it off the request
 path, and swaps one reference. :meth:`ParamWatcher.current` reads that

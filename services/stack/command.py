@@ -38,7 +38,16 @@ log = logging.getLogger(__name__)
 
 DEFAULT_RUN_DIR = Path(".streamrec")
 #: Services `up` starts, in order, when they are installed in this build.
-STACK_SERVICES = ("gateway", "joiner", "bandits", "sequences", "embeddings", "drn", "serving")
+STACK_SERVICES = (
+    "gateway",
+    "joiner",
+    "bandits",
+    "sequences",
+    "embeddings",
+    "drn",
+    "guard",
+    "serving",
+)
 
 
 def add_run_dir_argument(parser: argparse.ArgumentParser) -> None:

@@ -53,6 +53,14 @@ def test_promtool_accepts_the_alert_rules():
     assert "SUCCESS" in result.stdout
 
 
+def test_promtool_fires_the_guard_alert_while_the_guard_pin_stands():
+    # Unit tests of the rule (series in, alerts out) next to this file.
+    rules_test = ROOT / "tests" / "integration" / "promtool" / "guard_alert.yml"
+    result = _promtool("test", "rules", str(rules_test))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
 @pytest.mark.parametrize("config", ["prometheus.yml", "kubernetes.yml"])
 def test_promtool_accepts_the_scrape_configs(config):
     result = _promtool("check", "config", config)
@@ -230,7 +238,13 @@ def test_a_real_prometheus_scrapes_the_embedded_stack(prometheus: PrometheusAPI)
     # Every dashboard and alert expression is valid PromQL for this Prometheus, and
     # every metric they name is either scraped now or declared in the code (series
     # of services not started here, or that need traffic this run does not make).
-    expressions = [e.replace("$__rate_interval", "1m") for e in dashboard_expressions()]
+    # Grafana's range variables become fixed durations.
+    grafana = {"$__rate_interval": "1m", "$__range": "1h"}
+    expressions = []
+    for expr in dashboard_expressions():
+        for variable, duration in grafana.items():
+            expr = expr.replace(variable, duration)
+        expressions.append(expr)
     expressions += [r["query"] for r in rules]
     for expr in expressions:
         api.query(expr)

@@ -218,6 +218,7 @@ def test_every_key_of_one_model_lands_in_one_slot(
         for n in range(4):  # replaced blobs, pruned manifests, fences
             store.publish(model, {"p0": blob(model, n)}, fence={"p0": n + 1}, owner="g")
             store.publish(model, {"p1": blob(model, n)})
+        store.rollback(model, reason="the pin is in the model's slot too")
     found: dict[str, list[str]] = {}
     for key in client.scan_iter(f"{keyspace.namespace}:params:*"):
         found.setdefault(key.decode().split("{")[1].split("}")[0], []).append(key.decode())
@@ -225,7 +226,18 @@ def test_every_key_of_one_model_lands_in_one_slot(
     for index, model in enumerate(models):
         keys = found[model]
         kinds = {key.split("}:")[1].split(":")[0] for key in keys}
-        assert kinds == {"current", "parts", "fence", "manifest", "blob"}
+        assert kinds == {
+            "current",
+            "parts",
+            "fence",
+            "manifest",
+            "blob",
+            "history",
+            "refs",
+            "sizes",
+            "retention",
+            "pin",
+        }
         slots = {int(client.cluster_keyslot(key)) for key in keys}
         assert len(slots) == 1, f"{model}: keys over slots {slots}"
         (slot,) = slots

@@ -82,6 +82,7 @@ def settings_env_names() -> set[str]:
     from services.drn.settings import DRNSettings
     from services.embeddings.service import EmbeddingsSettings
     from services.gateway.app import GatewaySettings
+    from services.guard.service import GuardSettings
     from services.joiner.service import JoinerSettings
     from services.sequences.service import SequencesSettings
     from services.serving.api import ServingSettings
@@ -97,6 +98,7 @@ def settings_env_names() -> set[str]:
         SequencesSettings,
         EmbeddingsSettings,
         DRNSettings,
+        GuardSettings,
         ServingSettings,
     ]
     names = set()
@@ -345,7 +347,7 @@ def test_k8s_has_one_deployment_per_service_with_resources_and_probes():
 @needs_yaml
 def test_k8s_single_learners_never_run_twice():
     deployments = _objects("Deployment")
-    for name in ("drn", "embeddings"):
+    for name in ("drn", "embeddings", "guard"):
         assert deployments[name]["spec"]["replicas"] == 1
         assert deployments[name]["spec"]["strategy"]["type"] == "Recreate"
 

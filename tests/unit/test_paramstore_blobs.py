@@ -61,12 +61,18 @@ def test_retention_defaults_come_from_the_environment(monkeypatch: pytest.Monkey
     client = redis.Redis()  # never connects: nothing here talks to Redis
     defaults = ParamStoreSettings()
     assert (defaults.keep_versions, defaults.keep_bytes, defaults.blob_ttl_s) == (
-        20,
+        10_000,
         256 * 1024 * 1024,
         1.0,
     )
+    assert (defaults.keep_all_s, defaults.keep_recent_s, defaults.keep_age_s) == (5, 3600, 86400)
     store = ParamStore(client)
-    assert (store.keep_versions, store.keep_bytes, store.blob_ttl_s) == (20, 256 * 1024**2, 1.0)
+    assert (store.keep_versions, store.keep_bytes, store.blob_ttl_s) == (
+        10_000,
+        256 * 1024**2,
+        1.0,
+    )
+    assert (store.keep_all_s, store.keep_recent_s, store.keep_age_s) == (5, 3600, 86400)
     monkeypatch.setenv("STREAMREC_PARAMS_KEEP_VERSIONS", "7")
     monkeypatch.setenv("STREAMREC_PARAMS_KEEP_BYTES", "1000")
     monkeypatch.setenv("STREAMREC_PARAMS_BLOB_TTL_S", "0.5")
@@ -75,3 +81,9 @@ def test_retention_defaults_come_from_the_environment(monkeypatch: pytest.Monkey
     assert (store.keep_versions, store.keep_bytes, store.blob_ttl_s) == (2, 1000, 0.5)
     with pytest.raises(ValueError, match="keep_bytes must be an integer >= 1"):
         ParamStore(client, keep_bytes=0)
+    monkeypatch.setenv("STREAMREC_PARAMS_KEEP_RECENT_S", "60")
+    assert ParamStore(client, keep_age_s=120).keep_recent_s == 60
+    with pytest.raises(ValueError, match="retention ages must rise"):
+        ParamStore(client, keep_all_s=90)
+    with pytest.raises(ValueError, match="keep_age_s must be a non-negative number"):
+        ParamStore(client, keep_age_s=float("inf"))
