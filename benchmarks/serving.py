@@ -25,8 +25,19 @@ histogram).
 Uses the embedded Apache Kafka and redis-server. Vectors are synthetic (clustered,
 normalised, 32-d), so the numbers measure the machinery, not embedding quality.
 
-Run: ``python -m benchmarks.serving [--requests N] [--skip-1m]``. Prints JSON lines
-and writes ``benchmarks/results/serving.json``.
+HTTP mode (``--http``): serving as users meet it. ``streamrec run serving``'s
+own process(es) (``STREAMREC_SERVING_WORKERS``) on a broker, Redis and a
+published flat index of 10k or 100k items, 3,000 users with histories, are
+loaded by ``wrk`` (one thread, random users, 10 s per point) at 1, 8 and 32
+connections; in the same run the HTTP floor (``benchmarks/http_floor.py``: the
+same server stack answering a fixed slate) is loaded the same way. Each serving
+point also counts the impressions Kafka received against the 200s wrk saw (a
+request in flight when wrk stops is answered and logged but not counted, so the
+difference is at most the connection count).
+
+Run: ``python -m benchmarks.serving [--requests N] [--skip-1m]`` or
+``python -m benchmarks.serving --http [--seconds S]``. Prints JSON lines and
+writes ``benchmarks/results/serving.json`` (each mode replaces its own section).
 """
 
 from __future__ import annotations
@@ -35,6 +46,9 @@ import argparse
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -43,9 +57,11 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import httpx
 import numpy as np
 import redis
 import torch
+from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from contracts.events import Click, Impression
@@ -53,7 +69,7 @@ from contracts.ids import item_labels
 from contracts.keys import KeySpace
 from services.bandits.factory import new_learner
 from services.bandits.settings import DEFAULT_POLICIES, BanditsSettings
-from services.catalog import CandidateLists, ItemCatalog
+from services.catalog import CandidateLists, ItemCatalog, publish_catalog, write_ranked
 from services.common.runtime import Record
 from services.common.settings import KafkaSettings, TopicSettings
 from services.common.topics import ensure_topics
@@ -72,7 +88,8 @@ from services.serving.recommender import (
 from services.stack.kafka import start_broker
 from services.stack.servers import start_redis
 
-RESULTS = Path(__file__).resolve().parent / "results" / "serving.json"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "serving.json"
 DIM = 32
 USERS = 2_000
 HISTORY = 20
@@ -126,10 +143,10 @@ def trained_policies(ids: list[str], settings: BanditsSettings) -> dict[str, Ran
     return policies
 
 
-def seed_histories(client: redis.Redis, keys: KeySpace, ids: list[str]) -> None:
+def seed_histories(client: redis.Redis, keys: KeySpace, ids: list[str], users: int = USERS) -> None:
     rng = np.random.default_rng(1)
     records = []
-    for u in range(USERS):
+    for u in range(users):
         for position, item in enumerate(rng.integers(len(ids), size=HISTORY)):
             click = Click(
                 event_id=f"e{u}-{position}", user_id=f"u{u}", item_id=ids[item], ts=1.7e9 + position
@@ -327,11 +344,204 @@ def swap_under_load(
     }
 
 
+# -- HTTP mode ---------------------------------------------------------------------
+
+HTTP_USERS = 3_000
+WRK_SCRIPT = """
+math.randomseed(7)
+request = function()
+  local path = "/v1/recommendations?k=10&user_id=u" .. math.random(0, %d)
+  return wrk.format("GET", path, {%s})
+end
+done = function(summary, latency, requests)
+  io.write(string.format(
+    '{"requests": %%d, "duration_us": %%d, "status_errors": %%d, "socket_errors": %%d, '
+    .. '"p50_ms": %%.3f, "p99_ms": %%.3f, "max_ms": %%.3f}\\n',
+    summary.requests, summary.duration, summary.errors.status,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency.max / 1000))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, ready: Any, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url, timeout=2.0)
+            if ready(response):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} not ready within {timeout} s")
+
+
+def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, Any]:
+    """One wrk run (one thread: the load generator shares this machine's 2 cores)."""
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    result["rps"] = result["requests"] / (result.pop("duration_us") / 1e6)
+    result["connections"] = connections
+    return result
+
+
+def impressions_in(bootstrap: str, topic: str) -> int:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+        return sum(consumer.end_offsets(partitions).values())
+    finally:
+        consumer.close()
+
+
+def settled_impressions(bootstrap: str, topic: str) -> int:
+    """The impression count once serving's producer has delivered what it buffered."""
+    last = -1
+    while True:
+        time.sleep(1.0)
+        now = impressions_in(bootstrap, topic)
+        if now == last:
+            return now
+        last = now
+
+
+def publish_http_world(client: redis.Redis, keys: KeySpace, snapshots: Path, n: int) -> None:
+    """Histories, catalog, popular/fresh lists and a flat index of ``n`` items."""
+    client.flushdb()
+    ids = [f"i{i}" for i in range(n)]
+    rng = np.random.default_rng(2)
+    seed_histories(client, keys, ids, users=HTTP_USERS)
+    publish_catalog(client, keys, ids, rng.standard_normal((n, BanditsSettings().item_dim)))
+    write_ranked(client, keys.catalog_popular(), {ids[i]: 1.0 for i in rng.choice(n, 20)})
+    write_ranked(client, keys.catalog_fresh(), {item: 1.0 for item in ids[-10:]})
+    store = SnapshotStore(snapshots, keep=2)
+    spec = IndexSpec(kind="flat")
+    snapshot(
+        store, client, keys.index_current("items"), spec, clustered_vectors(n, n), ids, 1, set()
+    )
+
+
+def run_http(seconds: float) -> dict[str, Any]:
+    points: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        broker = start_broker(root / "broker")
+        redis_server = start_redis(root / "redis")
+        topic = "bench-impressions"
+        ensure_topics({"bootstrap_servers": broker.bootstrap}, {topic: 4})
+        client = redis.Redis.from_url(redis_server.url)
+        keys = KeySpace("bench")
+        token = "bench-token"
+        script = root / "users.lua"
+        script.write_text(WRK_SCRIPT % (HTTP_USERS - 1, f'Authorization = "Bearer {token}"'))
+        env = os.environ | {
+            "REDIS_URL": redis_server.url,
+            "REDIS_NAMESPACE": keys.namespace,
+            "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap,
+            "STREAMREC_TOPIC_IMPRESSIONS": topic,
+            "STREAMREC_SNAPSHOT_DIR": str(root / "snapshots"),
+            "STREAMREC_SERVING_TOKEN": token,
+        }
+
+        def load(kind: str, port: int, **labels: Any) -> list[dict[str, Any]]:
+            url = f"http://127.0.0.1:{port}/v1/recommendations"
+            found = []
+            for connections in (1, 8, 32):
+                before = impressions_in(broker.bootstrap, topic) if kind == "serving" else 0
+                point = {"server": kind, **labels} | wrk(url, connections, seconds, script)
+                if kind == "serving":
+                    point["responses_200"] = point["requests"] - point["status_errors"]
+                    point["impressions_logged"] = (
+                        settled_impressions(broker.bootstrap, topic) - before
+                    )
+                print(json.dumps(point), flush=True)
+                found.append(point)
+            return found
+
+        try:
+            for workers in (1, 2):
+                port = free_port()
+                floor = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.http_floor",
+                        "--port",
+                        str(port),
+                        "--workers",
+                        str(workers),
+                    ],
+                    env=env,
+                    cwd=ROOT,
+                )
+                try:
+                    wait_http(f"http://127.0.0.1:{port}/v1/recommendations", lambda r: r.is_success)
+                    points += load("floor", port, processes=workers)
+                finally:
+                    floor.terminate()
+                    floor.wait(30)
+            for n in (10_000, 100_000):
+                publish_http_world(client, keys, root / "snapshots", n)
+                for workers in (1, 2):
+                    port = free_port()
+                    serving = subprocess.Popen(
+                        [sys.executable, "-m", "services.serving.api"],
+                        cwd=ROOT,
+                        env=env
+                        | {
+                            "STREAMREC_SERVING_PORT": str(port),
+                            "STREAMREC_SERVING_WORKERS": str(workers),
+                        },
+                    )
+                    try:
+                        wait_http(
+                            f"http://127.0.0.1:{port}/healthz",
+                            lambda r: r.is_success and r.json()["index_version"] == 1,
+                        )
+                        points += load("serving", port, processes=workers, items=n)
+                    finally:
+                        serving.terminate()
+                        serving.wait(60)
+        finally:
+            broker.stop()
+            redis_server.stop()
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "notes": (
+            f"wrk -t1, random users of 3,000 (each with 20 clicks), {seconds:g} s per point, GET "
+            "/v1/recommendations?k=10 with the bearer token; the floor is the same "
+            "Starlette/uvicorn stack returning a fixed slate; serving has a flat index, "
+            "its models are the learners' priors (nothing published), impressions async"
+        ),
+        "points": points,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--skip-1m", action="store_true")
+    parser.add_argument("--http", action="store_true", help="the HTTP mode (see the module doc)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per HTTP point")
     args = parser.parse_args()
+    report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if args.http:
+        report["http"] = run_http(args.seconds)
+        RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {RESULTS}")
+        return
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     load_at_start = os.getloadavg()[0]
@@ -379,7 +589,7 @@ def main() -> None:
         finally:
             broker.stop()
             redis_server.stop()
-    report = {
+    report |= {
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),

@@ -58,7 +58,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,7 @@ from services.common.http import (
 )
 from services.common.metrics import feature_hash_metrics, serve_metrics
 from services.common.settings import KafkaSettings, RedisSettings, RuntimeSettings, TopicSettings
+from services.common.webserver import serve
 from services.drn.settings import DRNSettings
 from services.gateway.sdk import DEFAULT_BUFFER_MEMORY, EventProducer
 from services.index import ReloadableIndex
@@ -134,6 +136,10 @@ class ServingSettings(BaseSettings):
     """``STREAMREC_SERVING_HOST``."""
     port: int = 8090
     """``STREAMREC_SERVING_PORT``."""
+    workers: int = Field(1, ge=1, le=64)
+    """``STREAMREC_SERVING_WORKERS``: processes answering on the port (pre-forked; one
+    Python process uses one core at most). Worker ``i`` serves its own /metrics on
+    ``STREAMREC_RUNTIME_METRICS_PORT + i`` (when that is set)."""
     token: SecretStr | None = None
     """``STREAMREC_SERVING_TOKEN``: requests need ``Authorization: Bearer <token>``
     (all but ``/healthz`` and ``/openapi.json``)."""
@@ -551,9 +557,7 @@ class ServingStack:
 
 
 def main() -> int:
-    """Run the serving API with uvicorn until SIGTERM."""
-    import uvicorn
-
+    """Run the serving API until SIGTERM, in ``STREAMREC_SERVING_WORKERS`` processes."""
     logs.configure("serving")
     settings = ServingSettings()
     try:
@@ -563,27 +567,32 @@ def main() -> int:
         return 2
     if settings.token is None:
         log.warning("serving accepts unauthenticated requests (STREAMREC_SERVING_ALLOW_ANONYMOUS)")
+    return serve(
+        lambda worker: _serving_app(settings, worker),
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+    )
+
+
+@contextmanager
+def _serving_app(settings: ServingSettings, worker: int) -> Iterator[Starlette]:
+    """One worker's app and everything it reads from, closed when the worker stops."""
     stack = ServingStack(settings)
     # Also on the runtime's metrics port (no token: keep it off public networks), where
     # `streamrec status`, the demo and Prometheus look.
     runtime = RuntimeSettings()
     server = None
     if runtime.metrics_port:
-        server, _ = serve_metrics(stack.registry, runtime.metrics_port, runtime.metrics_host)
+        port = runtime.metrics_port + worker
+        server, _ = serve_metrics(stack.registry, port, runtime.metrics_host)
     try:
-        uvicorn.run(
-            stack.app(),
-            host=stack.settings.host,
-            port=stack.settings.port,
-            log_config=None,
-            access_log=False,
-        )
+        yield stack.app()
     finally:
         stack.close()
         if server is not None:
             server.shutdown()
             server.server_close()
-    return 0
 
 
 if __name__ == "__main__":
