@@ -23,7 +23,7 @@ import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from contracts.events import encode
+from contracts.events import MAX_MESSAGE_BYTES, encode
 from contracts.keys import KeySpace
 from services.common.runtime import CONTROL_HEADER, SEQ_HEADER, SOURCE_HEADER
 from services.paramstore import ParamStore
@@ -92,7 +92,8 @@ def _oversize_string(rng: random.Random, event: dict) -> tuple[bytes, str]:
 
 
 def _too_large(rng: random.Random, event: dict) -> tuple[bytes, str]:
-    return _json(event | {"user_id": "y" * rng.randrange(70_000, 90_000)}), "too large"
+    size = MAX_MESSAGE_BYTES + rng.randrange(1, 20_000)
+    return _json(event | {"user_id": "y" * size}), "too large"
 
 
 def _unknown_field(rng: random.Random, event: dict) -> tuple[bytes, str]:

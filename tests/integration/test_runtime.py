@@ -17,7 +17,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import ConfigResource, ConfigResourceType
 from prometheus_client import CollectorRegistry
 
-from contracts.events import Click, decode_click, encode
+from contracts.events import MAX_MESSAGE_BYTES, Click, decode_click, encode
 from contracts.keys import KeySpace
 from services.common import (
     CheckpointStore,
@@ -124,7 +124,7 @@ def test_poison_records_are_dead_lettered_with_reasons_and_good_ones_flow(
         b'{"event_id": "", "user_id": "u1", "item_id": "i1", "ts": 1.7e9}': "invalid",
         b"\xff\xfe not json at all": "malformed",
         b'{"event_id": "big", "user_id": "u1", "item_id": "'
-        + b"i" * 70_000
+        + b"i" * MAX_MESSAGE_BYTES
         + b'", "ts": 1.7e9}': "too large",
         _click(10**6, item_id="reject-me"): "unknown item",
     }
