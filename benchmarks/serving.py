@@ -417,8 +417,10 @@ def settled_impressions(bootstrap: str, topic: str) -> int:
         last = now
 
 
-def publish_http_world(client: redis.Redis, keys: KeySpace, snapshots: Path, n: int) -> None:
-    """Histories, catalog, popular/fresh lists and a flat index of ``n`` items."""
+def publish_http_world(
+    client: redis.Redis, keys: KeySpace, snapshots: Path, n: int, version: int
+) -> None:
+    """Histories, catalog, popular/fresh lists and a flat index of ``n`` items (``version``)."""
     client.flushdb()
     ids = [f"i{i}" for i in range(n)]
     rng = np.random.default_rng(2)
@@ -429,7 +431,14 @@ def publish_http_world(client: redis.Redis, keys: KeySpace, snapshots: Path, n: 
     store = SnapshotStore(snapshots, keep=2)
     spec = IndexSpec(kind="flat")
     snapshot(
-        store, client, keys.index_current("items"), spec, clustered_vectors(n, n), ids, 1, set()
+        store,
+        client,
+        keys.index_current("items"),
+        spec,
+        clustered_vectors(n, n),
+        ids,
+        version,
+        set(),
     )
 
 
@@ -492,8 +501,8 @@ def run_http(seconds: float) -> dict[str, Any]:
                 finally:
                     floor.terminate()
                     floor.wait(30)
-            for n in (10_000, 100_000):
-                publish_http_world(client, keys, root / "snapshots", n)
+            for version, n in enumerate((10_000, 100_000), start=1):
+                publish_http_world(client, keys, root / "snapshots", n, version)
                 for workers in (1, 2):
                     port = free_port()
                     serving = subprocess.Popen(
@@ -508,7 +517,7 @@ def run_http(seconds: float) -> dict[str, Any]:
                     try:
                         wait_http(
                             f"http://127.0.0.1:{port}/healthz",
-                            lambda r: r.is_success and r.json()["index_version"] == 1,
+                            lambda r, v=version: r.is_success and r.json()["index_version"] == v,
                         )
                         points += load("serving", port, processes=workers, items=n)
                     finally:
