@@ -206,6 +206,9 @@ class BanditsProcessor(Processor):
         self.catalog = catalog
         self.metrics = BanditsMetrics(registry or CollectorRegistry())
         self.learners: dict[int, dict[str, BanditLearner]] = {}
+        #: Feedback each policy's learner has applied, per partition (checkpointed; published
+        #: as ``meta["events"]``, so ``streamrec models list`` shows events seen).
+        self.events: dict[int, defaultdict[str, int]] = {}
         self._window: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         self._labelled = {*settings.policies, *settings.known_policies}
         self._catalog_labels = np.empty(0, dtype=np.int64)
@@ -295,6 +298,7 @@ class BanditsProcessor(Processor):
             rewards = np.array([fb.reward for fb in batch], dtype=np.float64)
             X = learner.policy_features(context, item_features)
             learner.update(item_labels([fb.item_id for fb in batch]), X, rewards)
+            self.events[partition][policy] += len(batch)
             self._count_evictions(partition, policy, learner)
             self.metrics.updates.labels(policy).inc(len(batch))
             self.metrics.rewards.labels(policy).inc(float(rewards.sum()))
@@ -336,12 +340,17 @@ class BanditsProcessor(Processor):
             f"{RECENCY}/{policy}": learner.recency()
             for policy, learner in self.learners[partition].items()
         }
-        return encode_params("bandits", 0, arrays, meta={"partition": partition})
+        meta = {"partition": partition, "events": dict(self.events[partition])}
+        return encode_params("bandits", 0, arrays, meta=meta)
 
     def restore(self, partition: int, checkpoint: Checkpoint | None) -> Mapping[str, int] | None:
         learners = self._fresh()
+        self.events[partition] = defaultdict(int)
         if checkpoint is not None and checkpoint.state:
-            saved = decode_params(checkpoint.state).arrays
+            decoded = decode_params(checkpoint.state)
+            # A checkpoint written before events were counted restores them as 0.
+            self.events[partition].update(decoded.meta.get("events", {}))
+            saved = decoded.arrays
             for policy, learner in learners.items():
                 state = {
                     name.split("/", 1)[1]: array
@@ -363,6 +372,7 @@ class BanditsProcessor(Processor):
 
     def revoke(self, partition: int) -> None:
         self.learners.pop(partition, None)
+        self.events.pop(partition, None)
         self._count_arms()
 
     def after_checkpoint(self, checkpoints: Mapping[int, Checkpoint]) -> None:
@@ -377,7 +387,12 @@ class BanditsProcessor(Processor):
                     0,
                     learner.state(),
                     offsets={t: {partition: o} for t, o in checkpoint.offsets.items()},
-                    meta={"learner": learner.name, "partition": partition, "policy": policy},
+                    meta={
+                        "learner": learner.name,
+                        "partition": partition,
+                        "policy": policy,
+                        "events": self.events[partition][policy],
+                    },
                 )
             try:
                 self.store.publish(

@@ -411,10 +411,14 @@ def test_bandits_learn_each_policy_checkpoint_it_and_publish_it(broker) -> None:
     for policy in POLICIES:
         published = params.latest(policy)
         assert sorted(published.parts) == ["p0", "p1"]
+        events = 0
         for partition in (0, 1):
             blob = decode_params(published.parts[f"p{partition}"])
             assert blob.offsets == {FEEDBACK: {partition: 20}}
             assert_same_arrays(blob.arrays, learners[partition][policy].state())
+            events += blob.meta["events"]
+        # Events seen (`streamrec models list`): the feedback this policy's learners applied.
+        assert events == run.sample("streamrec_bandits_updates_total", policy=policy)
     assert learners[0]["linucb"].state()["counts"].sum() == 5
 
 
@@ -452,6 +456,9 @@ def test_bandits_restored_after_a_crash_apply_each_feedback_once(broker) -> None
             )
     second.checkpoint()
     assert params.fences[("linucb", "p0")] == ("bandits", 2), "published under the new epoch"
+    published = params.latest("linucb").parts
+    events = sum(decode_params(published[f"p{p}"]).meta["events"] for p in (0, 1))
+    assert events == sum(fb.policy == "linucb" for fb in stream), "counted once across the crash"
     assert params.latest("linucb").version == 2
 
 
