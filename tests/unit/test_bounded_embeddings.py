@@ -133,6 +133,7 @@ def clicks(start: int, n: int, *, users: int) -> list[Record]:
     ]
 
 
+@pytest.mark.slow
 def test_a_flood_of_distinct_item_ids_keeps_the_checkpoint_and_the_lists_bounded():
     cap = 3000
     registry = CollectorRegistry()

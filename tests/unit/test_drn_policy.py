@@ -124,6 +124,7 @@ def test_probabilistic_slate_teams_and_propensities_are_exact() -> None:
         assert 0.0 < min(slate.propensities) and max(slate.propensities) <= 1.0
 
 
+@pytest.mark.slow
 def test_top_slot_propensity_matches_its_frequency() -> None:
     policy = DRNPolicy(FixedSource(_model()), LAYOUT)
     request = _request(1)

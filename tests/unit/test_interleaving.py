@@ -66,6 +66,7 @@ def _share_ci(explore_clicks: np.ndarray, all_clicks: np.ndarray) -> tuple[float
     return share - 1.96 * se, share + 1.96 * se
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interleave", METHODS)
 def test_identical_rankers_split_clicks_evenly(interleave: Interleave) -> None:
     explore_clicks, all_clicks, verdicts, _ = _simulate(

@@ -233,6 +233,7 @@ def _uniform_feedback_log(world: World, n: int, seed: int) -> list[Feedback]:
     return out
 
 
+@pytest.mark.slow
 def test_replay_on_a_feedback_log_is_unbiased(tmp_path: Path) -> None:
     world = World(CONFIG, seed=33)
     path = _write(tmp_path / "feedback.jsonl", _uniform_feedback_log(world, 6000, seed=2))
