@@ -37,6 +37,7 @@ from kafka.errors import KafkaError, OffsetOutOfRangeError
 from contracts.params import verify_params
 from services.common.checkpoint import Checkpoint, Fenced
 from services.common.runtime import Connections, Record
+from services.drn.settings import DRNSettings
 from services.paramstore import ModelNotFound, Pin, StalePublish, VersionInfo
 from services.sequences import store as sequence_store
 
@@ -464,3 +465,22 @@ class MemorySnapshotPublisher:
 
     def close(self, timeout: float = 120.0) -> None:
         self.closed = True
+
+
+def small_drn_settings() -> DRNSettings:
+    """A small DRN without scheduled or drift-triggered major updates, so that a run is a
+    pure function of the slate order (wall-clock never matters)."""
+    return DRNSettings(
+        embedding_dim=4,
+        n_context=3,
+        windows_s=(60.0, 600.0, 3600.0),
+        interest_columns=0,
+        hidden=(16,),
+        buffer_capacity=3000,
+        max_next_actions=3,
+        verdict_window=4,
+        return_window_s=40,
+        major_interval_s=0,
+        drift_detection=False,
+        seed=5,
+    )

@@ -12,25 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from services.drn.settings import DRNSettings
 from services.drn.slates import SlateFeedback
+from tests.harness import small_drn_settings
 
-#: A small DRN without scheduled or drift-triggered major updates, so that a
-#: run is a pure function of the slate order (wall-clock never matters).
-SETTINGS = DRNSettings(
-    embedding_dim=4,
-    n_context=3,
-    windows_s=(60.0, 600.0, 3600.0),
-    interest_columns=0,
-    hidden=(16,),
-    buffer_capacity=3000,
-    max_next_actions=3,
-    verdict_window=4,
-    return_window_s=40,
-    major_interval_s=0,
-    drift_detection=False,
-    seed=5,
-)
+SETTINGS = small_drn_settings()
 
 
 @pytest.fixture(autouse=True)

@@ -43,7 +43,7 @@ from services.common.runtime import (
 from services.common.service import ServiceSpec
 from services.common.settings import RuntimeSettings, TopicSettings
 from services.drn.service import SPEC as DRN
-from services.drn.service import DRNProcessor, DRNSettings
+from services.drn.service import DRNProcessor
 from services.embeddings.service import SPEC as EMBEDDINGS
 from services.embeddings.service import (
     EmbeddingsMetrics,
@@ -61,6 +61,7 @@ from tests.harness import (
     MemoryParamStore,
     MemorySequenceStore,
     MemorySnapshotPublisher,
+    small_drn_settings,
 )
 
 torch.set_num_threads(1)
@@ -465,28 +466,10 @@ def test_bandits_restored_after_a_crash_apply_each_feedback_once(broker) -> None
 # -- DRN ----------------------------------------------------------------------------
 
 
-def drn_settings() -> DRNSettings:
-    """A small DRN without scheduled or drift-triggered major updates (no wall clock)."""
-    return DRNSettings(
-        embedding_dim=4,
-        n_context=3,
-        windows_s=(60.0, 600.0, 3600.0),
-        interest_columns=0,
-        hidden=(16,),
-        buffer_capacity=3000,
-        max_next_actions=3,
-        verdict_window=4,
-        return_window_s=40,
-        major_interval_s=0,
-        drift_detection=False,
-        seed=5,
-    )
-
-
 def drn(broker: MemoryBroker, store: MemoryCheckpoints, params: MemoryParamStore) -> Process:
     return Process(
         DRN,
-        lambda registry: DRNProcessor(drn_settings(), params, registry),
+        lambda registry: DRNProcessor(small_drn_settings(), params, registry),
         broker,
         store,
     )
@@ -495,7 +478,7 @@ def drn(broker: MemoryBroker, store: MemoryCheckpoints, params: MemoryParamStore
 def test_drn_trains_on_the_slates_and_a_restart_continues_where_the_checkpoint_was(
     broker,
 ) -> None:
-    settings = drn_settings()
+    settings = small_drn_settings()
     stream = served_feedback(settings, 24, k=4)
     checkpoints, params = MemoryCheckpoints(), MemoryParamStore()
     for fb in stream[:48]:
@@ -629,7 +612,7 @@ SERVICES: dict[
     "bandits": (BANDITS, _bandits, FEEDBACK, encode(feedback(0, "linucb", 1))),
     "drn": (
         DRN,
-        lambda registry: DRNProcessor(drn_settings(), None, registry),
+        lambda registry: DRNProcessor(small_drn_settings(), None, registry),
         FEEDBACK,
         encode(feedback(0, "ts", 1)),
     ),
