@@ -29,7 +29,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
 
@@ -249,6 +249,11 @@ class BanditLearner(abc.ABC):
     _global_statistics: ClassVar[tuple[str, ...]] = ()
     #: Bounds rewards must respect, if the model needs any.
     _reward_range: ClassVar[tuple[float, float] | None] = None
+    #: How ``update`` takes examination probabilities (position-based model, see
+    #: :meth:`update`): ``"features"`` when the expected reward is linear in ``X``, so a
+    #: row examined with probability θ is the row ``θx``; ``"weights"`` when the learner
+    #: folds them in itself (:meth:`_update_examined`); None when it cannot.
+    _examination: ClassVar[Literal["features", "weights"] | None] = None
 
     def __init__(self, *, seed: int | None = None) -> None:
         self.seed = seed
@@ -275,6 +280,12 @@ class BanditLearner(abc.ABC):
     @abc.abstractmethod
     def _update(self, slots: np.ndarray, X: np.ndarray | None, rewards: np.ndarray) -> None:
         """Fold validated rewards into the statistics of already-registered slots."""
+
+    def _update_examined(
+        self, slots: np.ndarray, rewards: np.ndarray, examination: np.ndarray
+    ) -> None:
+        """Fold in rewards of rows examined with the given probabilities (``"weights"``)."""
+        raise NotImplementedError(f"{self.name} does not learn from examination probabilities")
 
     def _settle(self) -> None:  # noqa: B027 - a hook: most learners queue nothing
         """Fold events a learner queues into its statistics (before rows move or are read)."""
@@ -339,6 +350,11 @@ class BanditLearner(abc.ABC):
     def n_features(self) -> int:
         """Number of feature columns ``X`` must have (0 when features are ignored)."""
         return 0
+
+    @classmethod
+    def learns_positions(cls) -> bool:
+        """Whether :meth:`update` takes examination probabilities (position-aware learning)."""
+        return cls._examination is not None
 
     @property
     def n_arms(self) -> int:
@@ -433,12 +449,25 @@ class BanditLearner(abc.ABC):
         """
         return top_k(self.score(items, X), k, self._rng)
 
-    def update(self, items: np.ndarray, X: np.ndarray | None, rewards: np.ndarray) -> None:
+    def update(
+        self,
+        items: np.ndarray,
+        X: np.ndarray | None,
+        rewards: np.ndarray,
+        examination: np.ndarray | None = None,
+    ) -> None:
         """Fold in one reward per row; a batch of one is the online case.
 
         A capped learner applies a batch in runs that fit, evicting between runs
         exactly where the same rows applied one at a time would have, so batching
         never changes which arms are evicted.
+
+        ``examination`` (position-aware learning, docs/decisions.md §23): the
+        probability, in (0, 1], that each row's slot was examined, under the
+        position-based model ``P(click) = θ_pos · P(relevant)``. The learner then
+        learns relevance, what its score means at the top slot: a linear learner
+        regresses on ``θx`` (Li et al., ICML 2016, C³-UCB), the Beta learner counts a
+        non-click as ``θ`` of a failure. Omitted, every row counts as examined.
         """
         items = _check_items(items)
         features = self._check_features(X, len(items))
@@ -447,7 +476,11 @@ class BanditLearner(abc.ABC):
         rewards = np.asarray(rewards, dtype=np.float64)
         if rewards.shape != items.shape:
             raise ValueError(f"rewards must have shape {items.shape}, got {rewards.shape}")
-        if len(items) == 1:
+        weights = None if examination is None else self._check_examination(examination, items)
+        if weights is not None and self._examination == "features":
+            assert features is not None
+            features, weights = features * weights[:, None], None
+        if len(items) == 1 and weights is None:
             # The online case: plain Python scalars cost far less than array operations.
             reward = float(rewards[0])
             self._check_rewards(reward, reward)
@@ -469,10 +502,25 @@ class BanditLearner(abc.ABC):
                     continue
                 rows = slice(start, stop)
                 slots = self._table.ensure(items[rows])
-                self._update(slots, None if features is None else features[rows], rewards[rows])
+                if weights is not None:
+                    self._update_examined(slots, rewards[rows], weights[rows])
+                else:
+                    x = None if features is None else features[rows]
+                    self._update(slots, x, rewards[rows])
                 self._table.touch(slots, self._clock + 1)
                 self._clock += stop - start
                 start = stop
+
+    def _check_examination(self, examination: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Examination probabilities as float64, or ValueError unless one per row in (0, 1]."""
+        if self._examination is None:
+            raise ValueError(f"{self.name} does not learn from examination probabilities")
+        weights = np.asarray(examination, dtype=np.float64)
+        if weights.shape != items.shape:
+            raise ValueError(f"examination must have shape {items.shape}, got {weights.shape}")
+        if len(weights) and not (weights.min() > 0.0 and weights.max() <= 1.0):
+            raise ValueError("examination probabilities must lie in (0, 1]")
+        return weights
 
     def _rows_that_fit(self, items: np.ndarray, start: int) -> int:
         """End of the longest run of rows from ``start`` whose new arms fit under the cap."""

@@ -18,7 +18,7 @@ sums), with the identity prior generalised to ``λI``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -55,6 +55,7 @@ class HybridLinUCB(BanditLearner):
     _hyperparameters: ClassVar[tuple[str, ...]] = ("arm_dim", "shared_dim", "alpha", "ridge")
     _arm_statistics: ClassVar[tuple[str, ...]] = ("gram", "cross", "b", "counts")
     _global_statistics: ClassVar[tuple[str, ...]] = ("shared_gram", "shared_b")
+    _examination: ClassVar[Literal["features", "weights"] | None] = "features"
 
     def __init__(
         self,

@@ -7,7 +7,7 @@ the exported statistics stay additive across partitions.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -32,6 +32,7 @@ class DisjointRidge(BanditLearner):
 
     needs_features: ClassVar[bool] = True
     _arm_statistics: ClassVar[tuple[str, ...]] = ("gram", "b", "counts")
+    _examination: ClassVar[Literal["features", "weights"] | None] = "features"
 
     def __init__(self, dim: int, *, ridge: float, seed: int | None) -> None:
         self.dim = dimension("dim", dim)

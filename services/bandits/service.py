@@ -26,6 +26,14 @@ Feedback of a policy no learner here learns from is counted in
 ``streamrec_bandits_ignored_total``, labelled by policy only for configured and
 ``known_policies`` names (anything else is ``other``), so an invented policy
 name cannot add series.
+
+Position-aware policies (``position_aware``, docs/decisions.md §23) learn under the
+position-based model: each partition keeps an :class:`~services.bandits.position.
+ExaminationModel` fed by the feedback of randomised slates (``examination_from``,
+the ``random`` policy by default; checkpointed as ``.examination/*``), and every
+feedback of such a policy is weighted by the examination probability of its slot as
+estimated from the feedback before it in the partition, so the part published is
+still a function of the partition's log alone.
 """
 
 from __future__ import annotations
@@ -42,12 +50,13 @@ import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.cluster import RedisCluster
 
-from contracts.events import Feedback, decode_feedback
+from contracts.events import MAX_SLATE, Feedback, decode_feedback
 from contracts.ids import item_labels
 from contracts.keys import KeySpace
 from contracts.params import decode_params, encode_params
 from services.bandits.base import BanditLearner
 from services.bandits.factory import LEARNERS, learner_class, new_learner
+from services.bandits.position import ExaminationModel
 from services.bandits.settings import BanditsSettings
 from services.common import (
     Checkpoint,
@@ -66,6 +75,8 @@ log = logging.getLogger(__name__)
 OTHER_POLICY = "other"
 #: Checkpoint arrays named ``RECENCY/<policy>`` hold a learner's eviction order.
 RECENCY = ".recency"
+#: Checkpoint arrays named ``EXAMINATION/<name>`` hold a partition's examination model.
+EXAMINATION = ".examination"
 #: Largest checkpoint of one partition that ``max_arms`` may allow: half of the 512 MB
 #: Redis accepts in one value, leaving room for the rest of the checkpoint write.
 CHECKPOINT_BUDGET_BYTES = 256 * 2**20
@@ -107,6 +118,11 @@ class BanditsMetrics:
             "streamrec_bandits_evicted_arms_total",
             "Arms evicted from full learners, by policy and reason (probation, cold, catalog).",
             ["policy", "reason"],
+            registry=registry,
+        )
+        self.examination_updates = Counter(
+            "streamrec_bandits_examination_updates_total",
+            "Feedback of randomised slates counted by the position (examination) model.",
             registry=registry,
         )
         self.evicted_updates = Counter(
@@ -190,6 +206,15 @@ class BanditsProcessor(Processor):
                 raise ValueError(f"policy {policy!r}: learner must be one of {sorted(LEARNERS)}")
             if "/" in policy or policy.startswith("."):
                 raise ValueError(f"policy {policy!r}: names hold no '/' and start with no '.'")
+        for policy in settings.position_aware:
+            if policy not in settings.policies:
+                raise ValueError(f"position_aware names {policy!r}, which is no configured policy")
+            learner = str(settings.policies[policy]["learner"])
+            if not learner_class(learner).learns_positions():
+                raise ValueError(
+                    f"policy {policy!r}: learner {learner} cannot learn position-aware; "
+                    "use linucb, hybrid_linucb, ts_linear or ts_beta"
+                )
         per_arm = sum(
             self._new_learner(spec, settings).state_bytes_per_arm()
             for spec in settings.policies.values()
@@ -209,6 +234,10 @@ class BanditsProcessor(Processor):
         #: Feedback each policy's learner has applied, per partition (checkpointed; published
         #: as ``meta["events"]``, so ``streamrec models list`` shows events seen).
         self.events: dict[int, defaultdict[str, int]] = {}
+        #: Each partition's position model (checkpointed).
+        self.examination: dict[int, ExaminationModel] = {}
+        self._position_aware = set(settings.position_aware)
+        self._examination_from = set(settings.examination_from)
         self._window: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         self._labelled = {*settings.policies, *settings.known_policies}
         self._catalog_labels = np.empty(0, dtype=np.int64)
@@ -273,8 +302,14 @@ class BanditsProcessor(Processor):
         self._refresh_catalog()
         rejected: list[Rejection] = []
         grouped: dict[tuple[int, str], list[Feedback]] = defaultdict(list)
+        # Examination probability of each grouped feedback of a position-aware policy.
+        examined: dict[tuple[int, str], list[float]] = defaultdict(list)
         for record in records:
             fb: Feedback = record.value
+            model = self.examination[record.partition]
+            if fb.policy in self._examination_from:
+                model.observe_one(fb.position, float(fb.reward))
+                self.metrics.examination_updates.inc()
             if self.settings.learn_from == "all":
                 targets = list(self.settings.policies)
             elif fb.policy in self.settings.policies:
@@ -287,6 +322,11 @@ class BanditsProcessor(Processor):
                 continue
             for policy in targets:
                 grouped[(record.partition, policy)].append(fb)
+                if policy in self._position_aware:
+                    theta = model.theta()
+                    examined[(record.partition, policy)].append(
+                        float(theta[min(fb.position, model.positions - 1)])
+                    )
         for (partition, policy), batch in grouped.items():
             learner = self.learners[partition][policy]
             context = np.array([fb.context for fb in batch], dtype=np.float64)
@@ -297,7 +337,8 @@ class BanditsProcessor(Processor):
             )
             rewards = np.array([fb.reward for fb in batch], dtype=np.float64)
             X = learner.policy_features(context, item_features)
-            learner.update(item_labels([fb.item_id for fb in batch]), X, rewards)
+            examination = np.array(examined[(partition, policy)]) if policy in examined else None
+            learner.update(item_labels([fb.item_id for fb in batch]), X, rewards, examination)
             self.events[partition][policy] += len(batch)
             self._count_evictions(partition, policy, learner)
             self.metrics.updates.labels(policy).inc(len(batch))
@@ -340,17 +381,31 @@ class BanditsProcessor(Processor):
             f"{RECENCY}/{policy}": learner.recency()
             for policy, learner in self.learners[partition].items()
         }
+        arrays |= {
+            f"{EXAMINATION}/{name}": array
+            for name, array in self.examination[partition].state().items()
+        }
         meta = {"partition": partition, "events": dict(self.events[partition])}
         return encode_params("bandits", 0, arrays, meta=meta)
 
     def restore(self, partition: int, checkpoint: Checkpoint | None) -> Mapping[str, int] | None:
         learners = self._fresh()
         self.events[partition] = defaultdict(int)
+        model = self.examination[partition] = self._new_examination()
         if checkpoint is not None and checkpoint.state:
             decoded = decode_params(checkpoint.state)
             # A checkpoint written before events were counted restores them as 0.
             self.events[partition].update(decoded.meta.get("events", {}))
             saved = decoded.arrays
+            # One written before positions were modelled holds no examination model.
+            if f"{EXAMINATION}/shows" in saved:
+                model.load(
+                    {
+                        name.split("/", 1)[1]: array
+                        for name, array in saved.items()
+                        if name.startswith(f"{EXAMINATION}/")
+                    }
+                )
             for policy, learner in learners.items():
                 state = {
                     name.split("/", 1)[1]: array
@@ -370,9 +425,13 @@ class BanditsProcessor(Processor):
         self._count_arms()
         return None
 
+    def _new_examination(self) -> ExaminationModel:
+        return ExaminationModel(MAX_SLATE, prior_shows=self.settings.examination_prior_shows)
+
     def revoke(self, partition: int) -> None:
         self.learners.pop(partition, None)
         self.events.pop(partition, None)
+        self.examination.pop(partition, None)
         self._count_arms()
 
     def after_checkpoint(self, checkpoints: Mapping[int, Checkpoint]) -> None:
@@ -392,6 +451,7 @@ class BanditsProcessor(Processor):
                         "partition": partition,
                         "policy": policy,
                         "events": self.events[partition][policy],
+                        "position_aware": policy in self._position_aware,
                     },
                 )
             try:

@@ -57,3 +57,15 @@ class BanditsSettings(BaseSettings):
     """``STREAMREC_BANDITS_KNOWN_POLICIES``: policies served by others (the random baseline,
     DRN) whose feedback is ignored here under their own metric label; other names are
     counted as ``other``."""
+    position_aware: list[str] = Field(default_factory=list)
+    """``STREAMREC_BANDITS_POSITION_AWARE``: policies that learn with the position-based
+    model (docs/decisions.md §23): each feedback is weighted by the estimated examination
+    probability of its slot, so a non-click low on the slate is weaker evidence than one
+    at the top. Their learners must take examination probabilities (linucb,
+    hybrid_linucb, ts_linear, ts_beta)."""
+    examination_from: list[str] = Field(default_factory=lambda: ["random"])
+    """``STREAMREC_BANDITS_EXAMINATION_FROM``: policies whose slates are in random order;
+    their feedback estimates the examination probability of each position."""
+    examination_prior_shows: float = Field(200.0, ge=0)
+    """``STREAMREC_BANDITS_EXAMINATION_PRIOR_SHOWS``: pseudo-impressions per position at
+    the overall click rate, so that θ stays near 1 (position-blind) until data moves it."""

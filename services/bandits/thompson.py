@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -36,6 +36,7 @@ class BetaThompson(BanditLearner):
     _hyperparameters: ClassVar[tuple[str, ...]] = ("prior_alpha", "prior_beta", "discount")
     _arm_statistics: ClassVar[tuple[str, ...]] = ("successes", "failures")
     _reward_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
+    _examination: ClassVar[Literal["features", "weights"] | None] = "weights"
 
     def __init__(
         self,
@@ -62,19 +63,29 @@ class BetaThompson(BanditLearner):
         )
 
     def _update(self, slots: np.ndarray, X: np.ndarray | None, rewards: np.ndarray) -> None:
+        self._add(slots, rewards, 1.0 - rewards)
+
+    def _update_examined(
+        self, slots: np.ndarray, rewards: np.ndarray, examination: np.ndarray
+    ) -> None:
+        """A reward ``r`` seen with examination probability θ adds ``r`` successes and
+        ``θ (1 - r)`` failures: a non-click in a slot seldom looked at is weak evidence."""
+        self._add(slots, rewards, examination * (1.0 - rewards))
+
+    def _add(self, slots: np.ndarray, successes_in: np.ndarray, failures_in: np.ndarray) -> None:
         successes = self._table.rows("successes")
         failures = self._table.rows("failures")
         arm_slots = slots - 1
         if self.discount == 1.0:
-            np.add.at(successes, arm_slots, rewards)
-            np.add.at(failures, arm_slots, 1.0 - rewards)
+            np.add.at(successes, arm_slots, successes_in)
+            np.add.at(failures, arm_slots, failures_in)
             return
-        n = len(rewards)
+        n = len(successes_in)
         successes *= self.discount**n
         failures *= self.discount**n
         weights = self.discount ** np.arange(n - 1, -1, -1, dtype=np.float64)
-        np.add.at(successes, arm_slots, weights * rewards)
-        np.add.at(failures, arm_slots, weights * (1.0 - rewards))
+        np.add.at(successes, arm_slots, weights * successes_in)
+        np.add.at(failures, arm_slots, weights * failures_in)
 
     def _rebuild(self) -> None:
         """Nothing is derived: the counts are the posterior."""
