@@ -15,6 +15,7 @@ from services.bandits.factory import LEARNERS, learner_class, learner_from_param
 from services.bandits.hybrid import HybridLinUCB
 from services.bandits.linear_thompson import LinearThompson
 from services.bandits.linucb import LinUCB
+from services.bandits.position import ExaminationModel
 from services.bandits.thompson import BetaThompson
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "BanditLearner",
     "BetaThompson",
     "EpsilonGreedy",
+    "ExaminationModel",
     "HybridLinUCB",
     "LinUCB",
     "LinearThompson",

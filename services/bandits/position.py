@@ -79,8 +79,12 @@ class ExaminationModel:
         if self._theta is None:
             total_shows = float(self.shows.sum())
             overall = float(self.rewards.sum()) / total_shows if total_shows else 0.0
-            rates = (self.rewards + self.prior_shows * overall) / np.maximum(
-                self.shows + self.prior_shows, 1e-12
+            weight = self.shows + self.prior_shows
+            # A position never shown (and no prior) has no evidence: the overall rate.
+            rates = np.where(
+                weight > 0,
+                (self.rewards + self.prior_shows * overall) / np.maximum(weight, 1e-300),
+                overall,
             )
             theta = np.ones(self.positions)
             if rates[0] > 0.0:

@@ -337,7 +337,8 @@ class BanditsProcessor(Processor):
             )
             rewards = np.array([fb.reward for fb in batch], dtype=np.float64)
             X = learner.policy_features(context, item_features)
-            examination = np.array(examined[(partition, policy)]) if policy in examined else None
+            weights = examined.get((partition, policy))
+            examination = None if weights is None else np.array(weights)
             learner.update(item_labels([fb.item_id for fb in batch]), X, rewards, examination)
             self.events[partition][policy] += len(batch)
             self._count_evictions(partition, policy, learner)

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from services.bandits import LEARNERS, BanditLearner, new_learner
+from services.bandits.position import ExaminationModel
 from services.simulator.world import World, WorldConfig
 
 #: Names accepted by :func:`make_policy`: the bandit learners plus the random baseline.
@@ -108,6 +109,61 @@ class LearnerPolicy:
     ) -> None:
         """One batched learner update with a row per shown item."""
         self.learner.update(items, self._X(context, item_features), rewards)
+
+
+class PositionAwarePolicy(LearnerPolicy):
+    """A learner taught under the position-based model (docs/decisions.md §23).
+
+    Each update passes the examination probability of every shown slot (row ``i``
+    of the slate is position ``i``) from ``examination``. With ``shuffle`` > 0 the
+    policy estimates them itself, as the bandits service does from the ``random``
+    policy's traffic: that share of its slates is shown in random order
+    (the top ``k`` items unchanged), and their clicks feed the model.
+    """
+
+    def __init__(
+        self,
+        learner: BanditLearner,
+        examination: ExaminationModel,
+        *,
+        shuffle: float = 0.05,
+        seed: int | None = None,
+    ) -> None:
+        if not learner.learns_positions():
+            raise ValueError(f"{learner.name} does not learn from examination probabilities")
+        if not 0.0 <= shuffle <= 1.0:
+            raise ValueError(f"shuffle must be in [0, 1], got {shuffle!r}")
+        super().__init__(learner)
+        self.examination = examination
+        self.shuffle = shuffle
+        self._rng = np.random.default_rng(seed)
+        self._shuffled = False
+
+    def select(
+        self, context: np.ndarray, items: np.ndarray, item_features: np.ndarray, k: int
+    ) -> np.ndarray:
+        """The learner's top ``k`` rows, in random order for a ``shuffle`` share of calls."""
+        rows = super().select(context, items, item_features, k)
+        self._shuffled = self.shuffle > 0.0 and self._rng.random() < self.shuffle
+        return self._rng.permutation(rows) if self._shuffled else rows
+
+    def update(
+        self,
+        context: np.ndarray,
+        items: np.ndarray,
+        item_features: np.ndarray,
+        rewards: np.ndarray,
+    ) -> None:
+        """Count a shuffled slate's clicks by position, then learn examination-weighted."""
+        positions = np.arange(len(items))
+        if self._shuffled:
+            self.examination.observe(positions, rewards)
+        self.learner.update(
+            items,
+            self._X(context, item_features),
+            rewards,
+            self.examination.examination(positions),
+        )
 
 
 def make_policy(

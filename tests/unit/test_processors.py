@@ -22,6 +22,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from contracts.events import (
+    MAX_SLATE,
     Click,
     Feedback,
     Impression,
@@ -31,6 +32,7 @@ from contracts.events import (
 )
 from contracts.params import decode_params
 from services.bandits.service import SPEC as BANDITS
+from services.bandits.position import ExaminationModel
 from services.bandits.service import BanditsProcessor, BanditsSettings
 from services.common.runtime import (
     REASON_HEADER,
@@ -461,6 +463,100 @@ def test_bandits_restored_after_a_crash_apply_each_feedback_once(broker) -> None
     events = sum(decode_params(published[f"p{p}"]).meta["events"] for p in (0, 1))
     assert events == sum(fb.policy == "linucb" for fb in stream), "counted once across the crash"
     assert params.latest("linucb").version == 2
+
+
+def positioned(n: int, policy: str, position: int, reward: int) -> Feedback:
+    """Feedback ``n`` of ``policy`` for item ``i1`` shown at ``position``."""
+    return msgspec.structs.replace(
+        feedback(n, policy, reward), item_id="i1", feedback_id=f"r{n}/i1", position=position
+    )
+
+
+def position_stream(start: int, stop: int) -> list[Feedback]:
+    """Random slates clicked always at the top and every other time at position 1 (in
+    each partition), interleaved with linucb feedback at position 1."""
+    out = []
+    for n in range(start, stop):
+        m = n // 2
+        if n % 2 == 0:
+            out.append(positioned(n, "random", m % 2, int(m % 2 == 0 or (m // 4) % 2 == 0)))
+        else:
+            out.append(positioned(n, "linucb", 1, int(n % 3 == 0)))
+    return out
+
+
+def test_bandits_learn_position_aware_from_the_random_slates_and_checkpoint_the_model(
+    broker,
+) -> None:
+    aware = BanditsSettings(
+        policies={"linucb": POLICIES["linucb"]},
+        position_aware=["linucb"],
+        examination_prior_shows=0.0,
+    )
+    stream = position_stream(0, 80)
+    checkpoints, params = MemoryCheckpoints(), MemoryParamStore()
+    for n, fb in enumerate(stream[:40]):
+        broker.append(FEEDBACK, encode(fb), partition=part(n))
+
+    def process() -> Process:
+        return Process(BANDITS, lambda r: BanditsProcessor(aware, params, r), broker, checkpoints)
+
+    first = process()
+    first.drain()
+    assert first.sample("streamrec_bandits_examination_updates_total") == 20
+    first.checkpoint()
+    assert decode_params(params.latest("linucb").parts["p0"]).meta["position_aware"] is True
+    for n, fb in enumerate(stream[40:], start=40):
+        broker.append(FEEDBACK, encode(fb), partition=part(n))
+    first.drain()
+    first.crash()
+
+    # Restored from the checkpoint (examination model included), the second process ends
+    # where one pass over the whole log does.
+    second = process()
+    second.drain()
+    reference = BanditsProcessor(aware, None)
+    for partition in (0, 1):
+        reference.restore(partition, None)
+    records = [Record(FEEDBACK, part(n), n, None, fb, 0) for n, fb in enumerate(stream)]
+    reference.apply(records, None)  # type: ignore[arg-type]
+    for partition in (0, 1):
+        assert reference.examination[partition].theta()[:2].tolist() == [1.0, 0.5]
+        assert_same_arrays(
+            second.processor.examination[partition].state(),
+            reference.examination[partition].state(),
+        )
+        assert_same_arrays(
+            learner_states(second.processor)[partition]["linucb"],
+            learner_states(reference)[partition]["linucb"],
+        )
+        # Each linucb feedback enters the regression as θ x, θ estimated from the random
+        # slates before it in its partition: Gram Σ θ² x xᵀ, b Σ θ r x.
+        model = ExaminationModel(MAX_SLATE, prior_shows=0.0)
+        gram, b = np.zeros((9, 9)), np.zeros(9)
+        for n, fb in enumerate(stream):
+            if part(n) != partition:
+                continue
+            if fb.policy == "random":
+                model.observe_one(fb.position, fb.reward)
+            else:
+                x = model.examination(np.array([fb.position]))[0] * np.array(fb.context)
+                gram += np.outer(x, x)
+                b += fb.reward * x
+        state = reference.learners[partition]["linucb"].state()
+        np.testing.assert_allclose(state["gram"][0], gram, rtol=1e-12)
+        np.testing.assert_allclose(state["b"][0], b, rtol=1e-12)
+        assert state["b"][0][-1] < 0.9 * sum(  # the blind sum of rewards (last feature 1)
+            fb.reward for n, fb in enumerate(stream) if part(n) == partition and n % 2
+        )
+
+
+def test_position_aware_policies_must_be_configured_and_able_to_learn_positions() -> None:
+    with pytest.raises(ValueError, match="no configured policy"):
+        BanditsProcessor(BanditsSettings(policies=POLICIES, position_aware=["nope"]), None)
+    egreedy = {"egreedy": {"learner": "egreedy"}}
+    with pytest.raises(ValueError, match="cannot learn position-aware"):
+        BanditsProcessor(BanditsSettings(policies=egreedy, position_aware=["egreedy"]), None)
 
 
 # -- DRN ----------------------------------------------------------------------------
