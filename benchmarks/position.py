@@ -14,7 +14,7 @@ worlds (``World`` clicks follow the position-based model ``θ_p · sigmoid(...)`
 
 Two worlds: the default (``position_decay`` 0.5, slates of 5: θ_4 = 0.45) and a
 stronger bias (decay 1.0, slates of 10: θ_9 = 0.1). CTR is realised clicks per
-shown item over all steps and over the second half (the learned regime); mean ±
+shown item over all steps and over the last quarter (the learned regime); mean ±
 sd over seeds. ``exam_spread`` diagnoses the blind learner: the coefficient of
 variation, across the items it showed (weighted by shows), of the mean true θ
 of the slots each item was shown in. The blind estimate of an item is its
@@ -114,12 +114,13 @@ def run_world(world: dict[str, Any], seed: int, steps: int) -> dict[str, Any]:
         policies[f"{name}/pbm_true"] = PositionAwarePolicy(make(), true_model(theta), shuffle=0.0)
     started = time.perf_counter()
     result = simulate(policies, config=config, steps=steps, seed=seed)
-    half = result.windowed_ctr(steps // 2)
+    quarters = result.windowed_ctr(steps // 4)
     out: dict[str, Any] = {
         "seconds": time.perf_counter() - started,
         "best_ctr": result.best_ctr(),
         "ctr": result.ctr(),
-        "ctr_second_half": {p: float(v[1]) for p, v in half.items()},
+        "ctr_last_quarter": {p: float(v[3]) for p, v in quarters.items()},
+        "ctr_quarters": {p: v.tolist() for p, v in quarters.items()},
         "exam_spread": {name: t.spread() for name, t in trackers.items()},
         "theta_estimated": {
             name: policies[f"{name}/pbm"].examination.theta().round(3).tolist() for name in LEARNERS
@@ -140,8 +141,8 @@ def summarise(runs: list[dict[str, Any]], key: str) -> dict[str, dict[str, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--quick", action="store_true", help="3 seeds, 1,000 steps")
     args = parser.parse_args()
     seeds, steps = (3, 1000) if args.quick else (args.seeds, args.steps)
@@ -151,23 +152,23 @@ def main() -> None:
         "steps": steps,
         "shuffle": SHUFFLE,
         "learners": LEARNERS,
-        "ctr_over": "all steps; ctr_second_half: steps (steps/2, steps]",
+        "ctr_over": "ctr: all steps; ctr_last_quarter: steps (3 steps/4, steps]",
         "worlds": {},
     }
     for label, world in WORLDS.items():
         runs = [run_world(world, seed, steps) for seed in range(seeds)]
-        ctr, late = summarise(runs, "ctr"), summarise(runs, "ctr_second_half")
+        ctr, late = summarise(runs, "ctr"), summarise(runs, "ctr_last_quarter")
         spread = summarise(runs, "exam_spread")
         report["worlds"][label] = {
             "config": world,
             "best_ctr": float(np.mean([r["best_ctr"] for r in runs])),
             "ctr": ctr,
-            "ctr_second_half": late,
-            "lift_second_half": {
+            "ctr_last_quarter": late,
+            "lift_last_quarter": {
                 f"{name}/{variant}": mean_sd(
                     [
-                        r["ctr_second_half"][f"{name}/{variant}"]
-                        / r["ctr_second_half"][f"{name}/blind"]
+                        r["ctr_last_quarter"][f"{name}/{variant}"]
+                        / r["ctr_last_quarter"][f"{name}/blind"]
                         - 1.0
                         for r in runs
                     ]
@@ -180,14 +181,16 @@ def main() -> None:
         }
         best = report["worlds"][label]["best_ctr"]
         print(f"\n{label}: {seeds} seeds x {steps} steps, best CTR {best:.4f}")
-        print(f"{'policy':<18}{'CTR all steps':>20}{'CTR 2nd half':>20}{'lift 2nd half':>18}")
-        lifts = report["worlds"][label]["lift_second_half"]
+        print(
+            f"{'policy':<18}{'CTR all steps':>20}{'CTR last quarter':>20}{'lift last quarter':>20}"
+        )
+        lifts = report["worlds"][label]["lift_last_quarter"]
         for p in ctr:
             lift = lifts.get(p)
             lift_text = f"{100 * lift['mean']:+.1f} ± {100 * lift['sd']:.1f}%" if lift else "-"
             print(
                 f"{p:<18}{ctr[p]['mean']:>11.4f} ± {ctr[p]['sd']:.4f}"
-                f"{late[p]['mean']:>11.4f} ± {late[p]['sd']:.4f}{lift_text:>18}"
+                f"{late[p]['mean']:>11.4f} ± {late[p]['sd']:.4f}{lift_text:>20}"
             )
         for name, value in spread.items():
             print(f"exam spread of {name}/blind: {value['mean']:.3f} ± {value['sd']:.3f}")

@@ -31,8 +31,8 @@ from contracts.events import (
     encode,
 )
 from contracts.params import decode_params
-from services.bandits.service import SPEC as BANDITS
 from services.bandits.position import ExaminationModel
+from services.bandits.service import SPEC as BANDITS
 from services.bandits.service import BanditsProcessor, BanditsSettings
 from services.common.runtime import (
     REASON_HEADER,
