@@ -568,3 +568,50 @@ def test_the_catalog_published_for_serving_protects_its_arms_in_the_bandits_serv
         bandits.apply(flood[lo : lo + 1000], None)
     held = set(bandits.learners[0]["linucb"].state()["items"].tolist())
     assert set(item_labels(real).tolist()) <= held
+
+
+def test_a_position_aware_policy_learns_from_the_random_slates_through_kafka(
+    kafka_bootstrap, redis_url, redis_client, keyspace, unique_name, topics, tmp_path
+):
+    """STREAMREC_BANDITS_POSITION_AWARE end to end (docs/decisions.md §23): the random
+    policy's slates (one user, so one partition, in order) show θ_1 = 0.5, and the linucb
+    feedback after them, all at position 1, is learnt as rows examined with probability 0.5."""
+    rng = np.random.default_rng(7)
+    base = time.time()
+
+    def shown(i: int, policy: str, position: int, reward: int) -> Feedback:
+        return Feedback(
+            feedback_id=feedback_id(f"r{i}", f"i{i % 11}"),
+            request_id=f"r{i}",
+            user_id="u0",
+            item_id=f"i{i % 11}",
+            ts=base + i / 1000,
+            reward=reward,
+            position=position,
+            propensity=0.5,
+            policy=policy,
+            context=_context(rng),
+        )
+
+    randomised = [shown(i, "random", i % 2, int(i % 2 == 0 or i % 4 == 1)) for i in range(400)]
+    learnt = [shown(i, "linucb", 1, int(rng.random() < 0.2)) for i in range(400, 1400)]
+    _produce(kafka_bootstrap, topics["feedback"], randomised + learnt)
+    store = ParamStore(redis_client, keys=keyspace)
+    env = _env(kafka_bootstrap, redis_url, keyspace, unique_name("bandits"), **topics) | {
+        "STREAMREC_BANDITS_POSITION_AWARE": '["linucb"]',
+        "STREAMREC_BANDITS_EXAMINATION_PRIOR_SHOWS": "0",
+    }
+    bandits = ServiceProcess("bandits", env, tmp_path / "b.log").start()
+    try:
+        wait_for(lambda: _applied(store) == len(learnt), 60, "the linucb feedback applied")
+        header, arrays = _published(store)
+    finally:
+        assert bandits.stop() == 0
+    reference = LinUCB(DIM, alpha=0.5)
+    reference.update(
+        item_labels([f.item_id for f in learnt]),
+        np.array([f.context for f in learnt]),
+        np.array([f.reward for f in learnt], dtype=float),
+        np.full(len(learnt), 0.5),
+    )
+    _assert_same_model(arrays, reference.state())
