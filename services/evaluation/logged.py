@@ -397,14 +397,24 @@ class PolicyEvaluation:
     target: TargetArrays
 
 
-def split(decisions: Sequence[Decision], train_fraction: float) -> tuple[int, int]:
-    """(training decisions, evaluation decisions) for ``train_fraction``."""
+@dataclass(frozen=True)
+class OffPolicyResult:
+    """Every target policy's estimates, and how the log was split."""
+
+    training: Sequence[Decision]
+    evaluation: Sequence[Decision]
+    rounds: RoundArrays
+    policies: list[PolicyEvaluation]
+
+
+def split(decisions: Sequence[Decision], train_fraction: float) -> int:
+    """How many of ``decisions`` (the head) train the policies for ``train_fraction``."""
     if not 0.0 <= train_fraction < 1.0:
         raise ValueError(f"train_fraction must be in [0, 1), got {train_fraction}")
     head = int(len(decisions) * train_fraction)
     if head == len(decisions):
         raise ValueError("no decisions left to evaluate on")
-    return head, len(decisions) - head
+    return head
 
 
 def evaluate_policies(
@@ -414,21 +424,32 @@ def evaluate_policies(
     train_fraction: float = 0.5,
     seed: int = 0,
     level: float = 0.95,
-) -> list[PolicyEvaluation]:
-    """Train each policy of ``specs`` on the log's head, freeze it, estimate it on the rest."""
+    frozen: Mapping[str, SlatePolicy] | None = None,
+) -> OffPolicyResult:
+    """Train each policy of ``specs`` on the log's head, freeze it, estimate it on the rest.
+
+    A spec in ``frozen`` (e.g. a saved model version) is evaluated as given,
+    without training; every other spec is built by :func:`build_policy`.
+    """
     if not decisions:
         raise ValueError("no decisions to evaluate on")
-    head, _ = split(decisions, train_fraction)
+    head = split(decisions, train_fraction)
     training, evaluation = decisions[:head], decisions[head:]
     model = RewardModel.fit(training)
     rounds = round_arrays(evaluation)
     results = []
     for spec in specs:
-        policy = build_policy(spec, decisions, seed=seed)
-        train(policy, training)
-        target = target_arrays(policy, evaluation, model)
+        if frozen is not None and spec in frozen:
+            policy = frozen[spec]
+        else:
+            policy = build_policy(spec, decisions, seed=seed)
+            train(policy, training)
+        try:
+            target = target_arrays(policy, evaluation, model)
+        except ValueError as exc:
+            raise ValueError(f"policy {spec!r} cannot score this log: {exc}") from None
         results.append(PolicyEvaluation(spec, estimate_all(rounds, target, level=level), target))
-    return results
+    return OffPolicyResult(training, evaluation, rounds, results)
 
 
 # -- export -------------------------------------------------------------------------
