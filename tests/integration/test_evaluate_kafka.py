@@ -18,15 +18,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client import CollectorRegistry
 
 from contracts.events import encode
+from contracts.keys import KeySpace
+from contracts.params import encode_params
 from services.cli import main
 from services.evaluation.logged import (
     SimulatedLog,
+    build_policy,
     decisions_from_log,
     evaluate_policies,
     simulate_log,
+    train,
 )
+from services.evaluation.online import LearnerPolicy
+from services.paramstore import ParamStore
 from services.simulator.world import World, WorldConfig
 
 pytestmark = pytest.mark.integration
@@ -134,3 +141,35 @@ def test_a_missing_topic_is_a_clear_error(kafka_bootstrap: str, capsys) -> None:
     argv += ["--feedback-topic", "no-such-topic-x1", "--impressions-topic", "no-such-topic-x2"]
     assert main(argv) == 2
     assert "'no-such-topic-x1' does not exist" in capsys.readouterr().err
+
+
+def test_a_saved_model_version_is_evaluated_as_saved(
+    kafka_bootstrap: str, redis_url: str, keyspace: KeySpace, topic_factory, tmp_path, monkeypatch
+) -> None:
+    """``model@version`` loads a bandit version from a real Redis and is not trained further:
+    its estimates equal those of the same learner evaluated frozen in memory."""
+    impressions, feedback = topic_factory("impressions", 1), topic_factory("feedback", 1)
+    log = simulate_log(World(CONFIG, seed=8), 300, epsilon=0.3, seed=8)
+    produce(kafka_bootstrap, impressions, feedback, log, int(time.time() * 1000))
+    decisions, _ = decisions_from_log(log.impressions, log.feedback)
+    policy = build_policy("linucb:alpha=0.5", decisions, seed=1)
+    train(policy, decisions[:100])
+    assert isinstance(policy, LearnerPolicy)
+    blob = encode_params("bandit-x", 0, policy.learner.state(), meta={"learner": "linucb"})
+    store = ParamStore.from_url(redis_url, keys=keyspace, registry=CollectorRegistry())
+    version = store.publish("bandit-x", {"p0": blob})
+    store.close()
+    monkeypatch.setenv("REDIS_NAMESPACE", keyspace.namespace)
+    spec = f"bandit-x@{version}"
+    argv = ["evaluate", "--from-kafka", "--kafka", kafka_bootstrap, "--feedback-topic", feedback]
+    argv += ["--impressions-topic", impressions, "--redis", redis_url, "--policies", spec]
+    assert main([*argv, "--seed", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    expected = evaluate_policies([spec], decisions, seed=1, frozen={spec: policy})
+    [frozen] = expected.policies
+    for kind in ("ips", "snips", "dr"):
+        estimate = frozen.estimates[kind]
+        assert estimate is not None
+        assert report["policies"][spec][kind]["value"] == pytest.approx(estimate.value, rel=1e-12)
+    missing = [*argv[:-2], "--policies", "bandit-x@999"]
+    assert main(missing) == 2
