@@ -130,7 +130,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--train-fraction",
         type=float,
         default=0.5,
-        help="share of the log the --ips policies learn from before being frozen (default 0.5)",
+        help="share of the log the --ips / --from-kafka learners learn from before being frozen "
+        "(default 0.5)",
     )
 
 

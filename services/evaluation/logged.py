@@ -4,7 +4,7 @@ A *decision* is one served slate: the candidates the logging policy chose from
 (``Impression.candidates``), the items it showed and, per shown item, the
 reward and the logged propensity (``Feedback``). The logged propensity of a
 bandit slate is the item's exact marginal probability of being in the slate
-(decisions.md §9), so the unit of evaluation is a *round* -- one shown item --
+(docs/decisions.md §9), so the unit of evaluation is a *round* -- one shown item --
 and a target policy's probability of a round is its probability of showing
 that item among the same candidates in a slate of the same size:
 
@@ -141,7 +141,7 @@ def decisions_from_log(
     Feedback is left out (and counted by reason) when its impression is not in
     ``impressions``, the impression logged no candidates, another policy served
     it, the slate was interleaved (DRN's per-slot propensities are not
-    inclusion probabilities, decisions.md §13), or not every shown item has its
+    inclusion probabilities, docs/decisions.md §13), or not every shown item has its
     feedback yet. Re-emitted feedback (same ``feedback_id``) counts once.
     """
     by_request = {imp.request_id: imp for imp in impressions}
