@@ -18,8 +18,9 @@ from obp.ope import DoublyRobust, InverseProbabilityWeighting
 from obp.ope import SelfNormalizedInverseProbabilityWeighting as SelfNormalizedIPW
 
 from contracts.events import Feedback, Impression, SlateItem
+from services.cli import main
 from services.evaluation.estimators import Estimate, clustered_stderr, ips
-from services.evaluation.kafka_log import parse_offsets
+from services.evaluation.kafka_log import parse_offsets, parse_time
 from services.evaluation.logged import (
     Decision,
     RewardModel,
@@ -271,3 +272,16 @@ def test_policy_specs_and_offsets_parse_or_say_what_is_wrong() -> None:
     assert parse_offsets("0:7,1:9") == {0: 7, 1: 9}
     with pytest.raises(argparse.ArgumentTypeError):
         parse_offsets("0:-1")
+
+
+def test_times_parse_as_epoch_seconds_or_iso_8601_in_utc() -> None:
+    assert parse_time("1700000000.5") == 1_700_000_000.5
+    assert parse_time("2023-11-14T22:13:20") == 1_700_000_000.0
+    assert parse_time("2023-11-14T23:13:20+01:00") == 1_700_000_000.0
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_time("yesterday")
+
+
+def test_hyperparameters_and_model_versions_need_from_kafka(capsys) -> None:
+    assert main(["evaluate", "--policies", "linucb:alpha=1", "--steps", "10"]) == 2
+    assert "need --from-kafka" in capsys.readouterr().err
