@@ -237,10 +237,17 @@ class EventProducer:
         decode_click(raw)
         return self._send(self.topics.clicks, click.user_id.encode(), raw)
 
-    def send_impression(self, impression: Impression) -> FutureRecordMetadata:
-        """Validate and send one impression; raises ``EventError`` if it is invalid."""
+    def send_impression(
+        self, impression: Impression, *, validate: bool = True
+    ) -> FutureRecordMetadata:
+        """Validate and send one impression; raises ``EventError`` if it is invalid.
+
+        ``validate=False`` skips the decode round trip for an impression the caller
+        built from checked parts (serving's own slates).
+        """
         raw = encode(impression)
-        decode_impression(raw)
+        if validate:
+            decode_impression(raw)
         return self._send(self.topics.impressions, impression.user_id.encode(), raw)
 
     def send_raw(self, topic: str, user_id: str, raw: bytes) -> FutureRecordMetadata:

@@ -341,7 +341,7 @@ def create_app(
         body = result.to_json()
         if rank:
             body["candidate_source"] = result.impression.candidate_source
-        return JSONResponse(body)
+        return Response(msgspec.json.encode(body), media_type="application/json")
 
     def protected(handler: Any) -> Any:
         async def guarded(request: Request) -> Response:
