@@ -54,8 +54,6 @@ RewardValue = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
 MAX_REWARD_KINDS = 32
 #: The signals combined into one reward: kind -> value.
 Signals = Annotated[dict[RewardKind, RewardValue], msgspec.Meta(max_length=MAX_REWARD_KINDS)]
-#: The signals combined into one reward: kind -> value.
-Signals = Annotated[dict[RewardKind, RewardValue], msgspec.Meta(max_length=MAX_REWARD_KINDS)]
 #: Where a slate's candidates came from: serving's retrieval or the client's request.
 CandidateSource = Literal["retrieved", "client"]
 
