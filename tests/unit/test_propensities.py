@@ -72,6 +72,7 @@ def _policies(request: RankRequest) -> dict[str, RankingPolicy]:
     return policies
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["random", "linucb", "hybrid", "ts_beta", "ts_linear", "egreedy"])
 def test_logged_propensities_match_how_often_items_are_shown(name: str) -> None:
     request = _request()

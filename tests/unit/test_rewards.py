@@ -19,7 +19,10 @@ from contracts.events import (
 from contracts.ids import item_labels
 from services.bandits import BetaThompson
 from services.common.rewards import RewardRule, RewardRuleError, RewardSettings
+from services.common.settings import TopicSettings
+from services.gateway.sdk import EventProducer
 from services.joiner.join import PartitionJoin
+from tests.harness import MemoryBroker, MemoryProducer
 
 T0 = 1.7e9
 RULE = RewardRule({"click": 0.5, "purchase": 1.0, "dwell": 0.5}, combine="sum")
@@ -203,3 +206,15 @@ def test_beta_thompson_posterior_mean_converges_to_the_mean_graded_reward(
     # Sampled scores concentrate there too.
     draws = np.array([learner.score(items)[0] for _ in range(2000)])
     assert draws.mean() == pytest.approx(true_mean, abs=0.01)
+
+
+def test_the_sdk_sends_configured_reward_kinds_to_the_rewards_topic_only() -> None:
+    topics = TopicSettings()
+    broker = MemoryBroker({topics.rewards: 1})
+    sdk = EventProducer(topics=topics, producer=MemoryProducer(broker))  # type: ignore[arg-type]
+    sdk.send_reward(_reward("e1", "a", "purchase", 0.5, T0), RULE)
+    with pytest.raises(EventError, match="not configured"):
+        sdk.send_reward(_reward("e2", "a", "rating", 0.5, T0), RULE)
+    with pytest.raises(EventError, match="reserved"):
+        sdk.send_reward(_reward("e3", "a", "click", 1.0, T0), RULE)
+    assert [decode_reward(m.value).event_id for m in broker.read(topics.rewards)] == ["e1"]
