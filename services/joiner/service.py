@@ -248,7 +248,7 @@ class JoinProcessor(Processor):
         self._monotonic = monotonic
         #: The log's time, from the timestamps of the records read (for idle markers).
         self.log_clock = LogClock()
-        #: Idle markers travel on both input topics.
+        #: Idle markers travel on every input topic.
         self.controls = {topic: decode_watermark for topic in self.streams}
         self.joins: dict[int, PartitionJoin] = {}
         #: (partition, topic) -> monotonic time of its last record.
