@@ -54,7 +54,7 @@ EVICTION_DIVISOR = 16
 EVICTION_REASONS = ("probation", "cold", "catalog")
 #: Posterior draws behind the top-k probabilities a randomised learner logs
 #: (:meth:`BanditLearner.inclusion`): standard deviation at most 0.5 / sqrt(129) ≈ 0.044,
-#: about 0.7 ms per request for 80 Beta Thompson candidates (the Beta draws dominate).
+#: about 1 ms per request for 80 Beta Thompson candidates (the Beta draws dominate).
 DEFAULT_PROPENSITY_DRAWS = 128
 #: The table's bookkeeping array: the learner clock at each arm's last update.
 LAST_UPDATE = "last_update"
