@@ -37,6 +37,7 @@ class BetaThompson(BanditLearner):
     _arm_statistics: ClassVar[tuple[str, ...]] = ("successes", "failures")
     _reward_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
     _examination: ClassVar[Literal["features", "weights"] | None] = "weights"
+    randomised: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -61,6 +62,12 @@ class BetaThompson(BanditLearner):
             self.prior_alpha + arrays["successes"][slots],
             self.prior_beta + arrays["failures"][slots],
         )
+
+    def _draw_scores(self, slots: np.ndarray, X: np.ndarray | None, draws: int) -> np.ndarray:
+        arrays = self._table.arrays
+        alpha = self.prior_alpha + arrays["successes"][slots]
+        beta = self.prior_beta + arrays["failures"][slots]
+        return self._rng.beta(alpha, beta, size=(draws, len(slots)))
 
     def _update(self, slots: np.ndarray, X: np.ndarray | None, rewards: np.ndarray) -> None:
         self._add(slots, rewards, 1.0 - rewards)
