@@ -308,6 +308,7 @@ def up(args: argparse.Namespace) -> int:
                 gateway_port=gateway_port if "gateway" in supervisor.services else None,
                 gateway_token=gateway_token(run_dir),
                 serving_token=serving_token(run_dir),
+                run_dir=run_dir,
             )
             demo.start()
         deadline = time.monotonic() + args.duration if args.duration else None
