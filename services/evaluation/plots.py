@@ -3,7 +3,9 @@
 :func:`plot_rates` draws rates (CTR, mean reward) over time, each with its 95%
 Wilson band (:func:`services.common.intervals.wilson`) and optionally a second
 panel of step lines (model and index versions); ``streamrec evaluate`` and the
-demo summary (:mod:`services.stack.demo`) both use it. Figures are built with matplotlib's object API (``Figure``, rendered by Agg on
+demo summary (:mod:`services.stack.demo`) both use it.
+
+Figures are built with matplotlib's object API (``Figure``, rendered by Agg on
 save) rather than pyplot, so plotting needs no display, touches no global
 backend state and leaks no open figures.
 """

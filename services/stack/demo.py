@@ -20,16 +20,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-
-import numpy as np
+from wsgiref.simple_server import WSGIServer
 
 import httpx
+import numpy as np
+from prometheus_client import CollectorRegistry, Metric
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from services.common import clients
 from services.common.clients import REDIS_ERRORS
+from services.common.metrics import serve_metrics
 from services.common.settings import RedisSettings
 from services.evaluation.plots import plot_rates
 from services.evaluation.verdict import BASELINE
@@ -37,7 +41,7 @@ from services.evaluation.verdict import report as verdict_report
 from services.index import SnapshotError, read_pointer
 from services.paramstore import ParamStore
 from services.simulator.command import make_simulation
-from services.simulator.driver import GatewaySink, ServingSource
+from services.simulator.driver import GatewaySink, ServingSource, Simulation
 from services.stack.supervisor import Supervisor
 
 SHOW_EVERY_S = 5.0
@@ -66,6 +70,31 @@ def scrape(port: int) -> dict[str, float]:
     return totals
 
 
+class SimulatorCollector(Collector):
+    """What only the simulator knows, as Prometheus series: each policy's requests and
+    cumulative expected regret (against :attr:`Simulation.regret_basis`)."""
+
+    def __init__(self, simulation: Simulation) -> None:
+        self.simulation = simulation
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "streamrec_simulator_requests",
+            "Requests the simulator made, by policy.",
+            labels=["policy"],
+        )
+        regret = CounterMetricFamily(
+            "streamrec_simulator_regret",
+            "Cumulative expected regret (clicks) of the slates served, by policy.",
+            labels=["policy"],
+        )
+        for policy, stats in list(self.simulation.stats.items()):
+            requests.add_metric([policy], stats.requests)
+            regret.add_metric([policy], max(0.0, stats.regret))
+        yield requests
+        yield regret
+
+
 class Demo:
     """Runs the simulator against a supervised stack and reports progress."""
 
@@ -80,6 +109,7 @@ class Demo:
         gateway_token: str | None = None,
         serving_token: str | None = None,
         run_dir: Path | None = None,
+        metrics_port: int | None = None,
     ) -> None:
         if gateway_port is None:
             raise ValueError("the demo drives the stack through the gateway; start it too")
@@ -108,6 +138,11 @@ class Demo:
         mode = "serving (closed loop)" if serving_url else "in-process policies (no serving)"
         print(f"simulator: slates from {mode}", flush=True)
         self.thread = threading.Thread(target=self._run, name="simulator", daemon=True)
+        self.metrics_server: WSGIServer | None = None
+        if metrics_port is not None:
+            registry = CollectorRegistry()
+            registry.register(SimulatorCollector(self.simulation))
+            self.metrics_server, _ = serve_metrics(registry, metrics_port)
         self._last_show = 0.0
         self._last_applied = 0.0
         self._last_requests = 0
@@ -185,6 +220,9 @@ class Demo:
         self.sink.close()
         self.store.close()
         self.redis.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
 
     def summary(self) -> dict[str, dict[str, float]]:
         result = dict(self.simulation.summary())
