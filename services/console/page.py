@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 from typing import Any
 
@@ -30,11 +30,14 @@ def chart(
     y_label: str,
     now: float,
     bands: bool = False,
+    colours: Mapping[str, str] | None = None,
 ) -> str:
     """An SVG line chart: x is seconds before ``now``; each point is ``[t, y(, low, high)]``.
 
-    With ``bands`` each series gets a shaded polygon from its points' low and high.
+    With ``bands`` each series gets a shaded polygon from its points' low and high;
+    ``colours`` keeps a policy's colour the same in every chart.
     """
+    colours = colours or _colours(series)
     points = [p for values in series.values() for p in values]
     if not points:
         return f'<p id="{chart_id}-empty" class="empty">no data yet</p>'
@@ -67,7 +70,7 @@ def chart(
         f' text-anchor="middle">{escape(y_label)}</text>'
     )
     for i, (name, values) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
+        colour = colours.get(name, PALETTE[i % len(PALETTE)])
         label = escape(name)
         if bands and values:
             outline = [xy(p[0], p[3]) for p in values] + [xy(p[0], p[2]) for p in values[::-1]]
@@ -96,6 +99,7 @@ def render(view: Mapping[str, Any]) -> str:
     now = view["t"]
     window = view["window_s"]
     policies = view["policies"]
+    colours = _colours([*policies, *view["regret"]])
     parts = [
         f'<p class="meta">scraped <span id="scraped-at" data-t="{now:.3f}">'
         f"{time.strftime('%H:%M:%S', time.localtime(now))}</span>, {view['rounds']} rounds; "
@@ -107,6 +111,7 @@ def render(view: Mapping[str, Any]) -> str:
             y_label="CTR",
             now=now,
             bands=True,
+            colours=colours,
         ),
         _table(
             "policies",
@@ -129,7 +134,7 @@ def render(view: Mapping[str, Any]) -> str:
     if view["regret"]:
         parts += [
             "<h2>Cumulative expected regret (simulator)</h2>",
-            chart("regret-chart", view["regret"], y_label="clicks", now=now),
+            chart("regret-chart", view["regret"], y_label="clicks", now=now, colours=colours),
         ]
     index = view["index"]
     dbgd = view["dbgd"]
@@ -144,7 +149,7 @@ def render(view: Mapping[str, Any]) -> str:
                     _fmt(v.get("serving_version")),
                     _seconds(v.get("serving_age_s")),
                     _fmt(v.get("published_version")),
-                    _seconds(now - v["published_at"] if v.get("published_at") else None),
+                    _seconds(max(0.0, now - v["published_at"]) if v.get("published_at") else None),
                 )
                 for m, v in view["models"].items()
             ],
@@ -159,6 +164,7 @@ def render(view: Mapping[str, Any]) -> str:
             else ""
         )
         + "</p>",
+        '<div class="columns"><div>',
         "<h2>Throughput</h2>",
         _table(
             "events",
@@ -170,15 +176,10 @@ def render(view: Mapping[str, Any]) -> str:
             ("policy (serving)", "requests/s"),
             [(escape(s), f"{r:.0f}") for s, r in view["requests_per_s"].items()],
         ),
-        "<h2>Consumer lag</h2>",
-        _table(
-            "lag",
-            ("service", "topic", "partition", "records"),
-            [
-                (*(escape(r[k]) for k in ("service", "topic", "partition")), _fmt(r["records"]))
-                for r in view["lag"]
-            ],
-        ),
+        "</div><div>",
+        "<h2>Consumer lag (records, by partition)</h2>",
+        _lag(view["lag"]),
+        "</div><div>",
         "<h2>Dead letters</h2>",
         _table(
             "dead-letters",
@@ -197,6 +198,7 @@ def render(view: Mapping[str, Any]) -> str:
                 for p, g in view["guard"]["policies"].items()
             ],
         ),
+        "</div></div>",
     ]
     return "\n".join(parts)
 
@@ -212,6 +214,27 @@ def _table(table_id: str, header: Sequence[str], rows: Sequence[Sequence[str]]) 
     head = "".join(f"<th>{h}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
     return f'<table id="{table_id}"><tr>{head}</tr>{body}</table>'
+
+
+def _colours(names: Iterable[str]) -> dict[str, str]:
+    """One palette colour per name, in sorted order, so every chart agrees."""
+    return {n: PALETTE[i % len(PALETTE)] for i, n in enumerate(sorted(set(names)))}
+
+
+def _lag(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Consumer lag as one row per (service, topic) and one column per partition."""
+    partitions = sorted({r["partition"] for r in rows}, key=lambda p: (len(p), p))
+    cells: dict[tuple[str, str], dict[str, float]] = {}
+    for r in rows:
+        cells.setdefault((r["service"], r["topic"]), {})[r["partition"]] = r["records"]
+    return _table(
+        "lag",
+        ("service", "topic", *(escape(p) for p in partitions)),
+        [
+            (escape(service), escape(topic), *(_fmt(lag.get(p)) for p in partitions))
+            for (service, topic), lag in sorted(cells.items())
+        ],
+    )
 
 
 def _targets(up: Mapping[str, bool]) -> str:
@@ -252,6 +275,7 @@ th { background: #f4f4f4; } td:first-child { text-align: left; }
 svg.chart text { font-size: 11px; fill: #444; } svg.chart .grid { stroke: #e4e4e4; }
 .up { color: #2a7d2a; } .down { color: #b00; } .empty, .meta { color: #777; }
 #error { color: #b00; }
+.columns { display: flex; flex-wrap: wrap; gap: 0 2.5em; align-items: flex-start; }
 </style></head>
 <body><h1>streamrec console</h1><p id="error"></p><main id="main">loading…</main>
 <script>

@@ -108,7 +108,8 @@ def parse_metrics(text: str) -> dict[Key, float]:
 
 @dataclass
 class Round:
-    """One scrape of every target: wall time, counters and gauges summed over targets."""
+    """One scrape of every target: its start (wall time; every value was read after it),
+    counters and gauges summed over targets."""
 
     t: float
     counters: dict[Key, float]
@@ -139,7 +140,8 @@ class History:
         self._lock = threading.Lock()
 
     def scrape(self) -> Round:
-        """Read every target once and append the round."""
+        """Read every target once and append the round (stamped with its start time)."""
+        started = self._clock()
         counters: dict[Key, float] = {}
         gauges: dict[Key, float] = {}
         up: dict[str, bool] = {}
@@ -163,7 +165,7 @@ class History:
             for (name, key), (_, total) in self._counters.items():
                 if name == target.name:
                     counters[key] = counters.get(key, 0.0) + total
-        now = Round(self._clock(), counters, gauges, up)
+        now = Round(started, counters, gauges, up)
         with self._lock:
             self.rounds.append(now)
         return now

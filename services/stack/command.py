@@ -47,7 +47,6 @@ STACK_SERVICES = (
     "drn",
     "guard",
     "serving",
-    "console",
 )
 
 
@@ -73,6 +72,12 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated services to start (default: all installed)",
     )
     parser.add_argument("--gateway-port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument(
+        "--console",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve the live console (a web page of the running system; default: on)",
+    )
     parser.add_argument(
         "--simulate",
         action="store_true",
@@ -273,12 +278,10 @@ def up(args: argparse.Namespace) -> int:
                     "STREAMREC_SERVING_TOKEN": serving_token(run_dir),
                 }
                 supervisor.add(name, serving_env, serving_port)
-            elif name == "console":
-                continue  # last, once every target is known
             else:
                 supervisor.add(name)
 
-        if "console" in wanted and "console" in installed:
+        if args.console and "console" in installed:
             targets = [
                 f"{n}=http://127.0.0.1:{metrics_port(n, _ports(s))}/metrics"
                 for n, s in supervisor.services.items()
