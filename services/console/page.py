@@ -101,7 +101,8 @@ def render(view: Mapping[str, Any]) -> str:
     policies = view["policies"]
     colours = _colours([*policies, *view["regret"]])
     parts = [
-        f'<p class="meta">scraped <span id="scraped-at" data-t="{now:.3f}">'
+        f'<p class="meta">scraped <span id="scraped-at" data-t="{now:.3f}" '
+        f'data-rounds="{view["rounds"]}">'
         f"{time.strftime('%H:%M:%S', time.localtime(now))}</span>, {view['rounds']} rounds; "
         f"targets {_targets(view.get('targets', {}))}</p>",
         f"<h2>CTR per policy (trailing {window:.0f} s, 95% Wilson band)</h2>",

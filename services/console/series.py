@@ -52,7 +52,8 @@ COUNTERS = frozenset(
         "streamrec_serving_requests_total",
     }
 )
-#: Gauge samples kept (the newest value of each target).
+#: Gauge samples kept: the largest over targets (the newest version, the stalest age;
+#: replicas own distinct partitions, so their lag series do not meet).
 GAUGES = frozenset(
     {
         "streamrec_consumer_lag_records",
@@ -69,7 +70,7 @@ GAUGES = frozenset(
 )
 FAMILIES = COUNTERS | GAUGES
 
-#: (sample name, sorted label pairs): one series, summed over targets.
+#: (sample name, sorted label pairs): one series, combined over targets.
 Key = tuple[str, tuple[tuple[str, str], ...]]
 
 
@@ -109,7 +110,7 @@ def parse_metrics(text: str) -> dict[Key, float]:
 @dataclass
 class Round:
     """One scrape of every target: its start (wall time; every value was read after it),
-    counters and gauges summed over targets."""
+    counters summed over targets, gauges their largest value over targets."""
 
     t: float
     counters: dict[Key, float]
@@ -160,7 +161,7 @@ class History:
                     total += value - last if value >= last else value
                     self._counters[(target.name, key)] = (value, total)
                 else:
-                    gauges[key] = gauges.get(key, 0.0) + value
+                    gauges[key] = max(gauges.get(key, value), value)
             # A target that did not answer keeps its corrected totals in the sum.
             for (name, key), (_, total) in self._counters.items():
                 if name == target.name:

@@ -76,6 +76,11 @@ def _answers(port: int) -> bool:
         return False
 
 
+def _rounds(driver) -> int:
+    found = driver.find_elements("id", "scraped-at")
+    return int(found[0].get_attribute("data-rounds")) if found else 0
+
+
 def _screenshot_path() -> Path:
     configured = os.environ.get("STREAMREC_CONSOLE_SCREENSHOT")
     return Path(configured) if configured else ROOT / ".streamrec" / "artifacts" / "console.png"
@@ -161,6 +166,9 @@ def test_the_console_draws_every_policy_and_matches_the_metrics(tmp_path: Path) 
         shown_index = 0.0 if index == "–" else float(index)
         assert index_before <= shown_index <= index_after
 
+        if os.environ.get("STREAMREC_CONSOLE_SCREENSHOT"):
+            # The README's picture: let the curves run for a minute first.
+            wait_for(lambda: _rounds(driver) >= 60, 180, "60 console rounds")
         screenshot = _screenshot_path()
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         height = driver.execute_script("return document.body.scrollHeight")

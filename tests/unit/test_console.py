@@ -201,3 +201,21 @@ def test_the_console_refuses_to_start_without_a_token_or_targets() -> None:
 
     assert main(ConsoleSettings(targets="joiner=http://127.0.0.1:1/metrics")) == 2
     assert main(ConsoleSettings(token=SecretStr("t"), targets="")) == 2
+
+
+def test_gauges_of_several_targets_take_the_largest_and_counters_add_up() -> None:
+    index = "# TYPE streamrec_index_version gauge\nstreamrec_index_version {}\n"
+    history = History(
+        [Target("a", "http://a/metrics"), Target("b", "http://b/metrics")],
+        fetch=Scripted(
+            {
+                "http://a/metrics": [exposition({"ts": 10}, {"ts": 1}) + index.format(4)],
+                "http://b/metrics": [exposition({"ts": 5}, {"ts": 2}) + index.format(3)],
+            }
+        ),
+        clock=Clock(),
+    )
+    history.scrape()
+    view = history.view()
+    assert view["index"]["version"] == 4
+    assert (view["policies"]["ts"]["feedback"], view["policies"]["ts"]["rewards"]) == (15, 3)
