@@ -76,9 +76,17 @@ def _answers(port: int) -> bool:
         return False
 
 
-def _rounds(driver) -> int:
-    found = driver.find_elements("id", "scraped-at")
-    return int(found[0].get_attribute("data-rounds")) if found else 0
+def _scrape(driver) -> tuple[float, int]:
+    """The (start time, number) of the console's scrape the page shows; (0, 0) before one.
+
+    Read in one script: the page replaces its content every second, so an element
+    found by one WebDriver call can be gone by the next.
+    """
+    found = driver.execute_script(
+        "const e = document.getElementById('scraped-at');"
+        "return e ? [Number(e.dataset.t), Number(e.dataset.rounds)] : null;"
+    )
+    return (found[0], int(found[1])) if found else (0.0, 0)
 
 
 def _screenshot_path() -> Path:
@@ -146,11 +154,7 @@ def test_the_console_draws_every_policy_and_matches_the_metrics(tmp_path: Path) 
         index_before = _samples(serving_port, "streamrec_index_version")[""]
         asked = time.time()
 
-        def scraped_after() -> bool:
-            found = driver.find_elements("id", "scraped-at")
-            return bool(found) and float(found[0].get_attribute("data-t")) > asked
-
-        wait_for(scraped_after, 30, "a console scrape after the metrics were read")
+        wait_for(lambda: _scrape(driver)[0] > asked, 30, "a console scrape after the metrics")
         page = driver.execute_script(
             "const d = {};"
             "document.querySelectorAll('[data-policy-feedback]').forEach("
@@ -168,7 +172,7 @@ def test_the_console_draws_every_policy_and_matches_the_metrics(tmp_path: Path) 
 
         if os.environ.get("STREAMREC_CONSOLE_SCREENSHOT"):
             # The README's picture: let the curves run for a minute first.
-            wait_for(lambda: _rounds(driver) >= 60, 180, "60 console rounds")
+            wait_for(lambda: _scrape(driver)[1] >= 60, 180, "60 console rounds")
         screenshot = _screenshot_path()
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         height = driver.execute_script("return document.body.scrollHeight")
