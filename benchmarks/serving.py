@@ -77,6 +77,7 @@ from services.drn.settings import DRNSettings
 from services.gateway.sdk import EventProducer
 from services.index import IndexSpec, ReloadableIndex, SnapshotStore, build_index, publish
 from services.sequences import Sequences, SequenceStore
+from services.serving.api import ServingSettings
 from services.serving.drn_policy import DRNPolicy
 from services.serving.policies import BanditPolicy, PolicyRouter, RandomPolicy, RankingPolicy
 from services.serving.recommender import (
@@ -442,6 +443,54 @@ def publish_http_world(
     )
 
 
+def retrieval_floor(n: int, k: int, batches: tuple[int, ...] = (1, 8, 32)) -> list[dict[str, Any]]:
+    """Microseconds per query of the exact search alone: serving's flat index of ``n``
+    clustered vectors, ``k`` neighbours, queries batched ``nq`` at a time (faiss with its
+    default threads, as serving runs it)."""
+    vectors = clustered_vectors(n, n)
+    index = build_index(IndexSpec(kind="flat"), vectors)
+    rng = np.random.default_rng(3)
+    points = []
+    for nq in batches:
+        queries = vectors[rng.integers(n, size=nq)]
+        index.search(queries, k)
+        repeats = max(20, 400 // nq)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            index.search(queries, k)
+        batch_s = (time.perf_counter() - started) / repeats
+        points.append({"items": n, "nq": nq, "us_per_query": 1e6 * batch_s / nq})
+        print(json.dumps(points[-1]), flush=True)
+    return points
+
+
+def verdict(points: list[dict[str, Any]], retrieval: list[dict[str, Any]]) -> dict[str, Any]:
+    """The target (one process, 100k items, 8 connections: >= 50% of the floor's req/s,
+    p99 <= 10 ms) against this run's figures, and the request budget it leaves."""
+
+    def point(server: str, **labels: Any) -> dict[str, Any]:
+        return next(
+            p
+            for p in points
+            if p["server"] == server
+            and p["connections"] == 8
+            and p["processes"] == 1
+            and all(p.get(key) == value for key, value in labels.items())
+        )
+
+    floor, serving = point("floor"), point("serving", items=100_000)
+    budget_us = 1e6 / (0.5 * floor["rps"])
+    return {
+        "floor_rps": floor["rps"],
+        "serving_rps": serving["rps"],
+        "share_of_floor": serving["rps"] / floor["rps"],
+        "serving_p99_ms": serving["p99_ms"],
+        "met": serving["rps"] >= 0.5 * floor["rps"] and serving["p99_ms"] <= 10.0,
+        "budget_us_per_request": budget_us,
+        "retrieval_us_per_query": {str(r["nq"]): r["us_per_query"] for r in retrieval},
+    }
+
+
 def run_http(seconds: float) -> dict[str, Any]:
     points: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -526,8 +575,11 @@ def run_http(seconds: float) -> dict[str, Any]:
         finally:
             broker.stop()
             redis_server.stop()
+    retrieval = retrieval_floor(100_000, ServingSettings().retrieval_n)
     return {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "retrieval_floor": retrieval,
+        "target": verdict(points, retrieval),
         "notes": (
             f"wrk -t1, random users of 3,000 (each with 20 clicks), {seconds:g} s per point, GET "
             "/v1/recommendations?k=10 with the bearer token; the floor is the same "

@@ -1,4 +1,4 @@
-"""Event types on the wire: Impression, Click and Feedback.
+"""Event types on the wire: Impression, Click, Reward and Feedback.
 
 Events are JSON objects validated on decode. Decoding never raises anything but
 :class:`EventError`, whose ``reason`` is what a dead-letter record or an HTTP 400
@@ -46,6 +46,14 @@ Propensity = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 Version = Annotated[int, msgspec.Meta(ge=0)]
 #: Which ranker placed an item in an interleaved slate (DRN's exploit W or explore W~).
 Team = Literal["exploit", "explore"]
+#: What kind of signal a reward is (``click``, ``purchase``, ``dwell`` ...).
+RewardKind = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,31}$")]
+#: A reward, graded: 0 (nothing) to 1 (the best outcome).
+RewardValue = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+#: The most reward kinds one feedback reports.
+MAX_REWARD_KINDS = 32
+#: The signals combined into one reward: kind -> value.
+Signals = Annotated[dict[RewardKind, RewardValue], msgspec.Meta(max_length=MAX_REWARD_KINDS)]
 #: Where a slate's candidates came from: serving's retrieval or the client's request.
 CandidateSource = Literal["retrieved", "client"]
 
@@ -110,6 +118,25 @@ class Click(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     position: Position | None = None
 
 
+class Reward(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A graded signal about an item shown in the impression ``request_id``.
+
+    A purchase, a dwell time or a rating, scaled by the producer to ``value`` in
+    [0, 1]. The joiner combines every signal on a shown item that arrives within
+    the attribution window (clicks count as kind ``click``, value 1) by the
+    configured rule into the item's feedback reward.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: Id
+    user_id: Id
+    request_id: Id
+    item_id: Id
+    kind: RewardKind
+    value: RewardValue
+    ts: Timestamp
+
+
 class Feedback(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One (impression, shown item) with its reward, emitted when attribution closes.
 
@@ -124,7 +151,8 @@ class Feedback(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     item_id: Id
     #: Event time of the impression.
     ts: Timestamp
-    reward: Annotated[int, msgspec.Meta(ge=0, le=1)]
+    #: The combined reward in [0, 1] (older feedback: 0 or 1, clicked or not).
+    reward: RewardValue
     clicked_at: Timestamp | None = None
     position: Position
     propensity: Propensity
@@ -133,6 +161,15 @@ class Feedback(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     team: Team | None = None
     context: Features = []
     item_features: Features = []
+    #: The signals combined into ``reward``: kind -> the largest value of that kind
+    #: within the window (empty when none came, and in older feedback).
+    signals: Signals = {}
+
+    @property
+    def clicked(self) -> bool:
+        """Whether the item was clicked: a ``click`` signal, or in older feedback
+        (without signals) reward 1."""
+        return "click" in self.signals or (not self.signals and self.reward >= 1.0)
 
 
 def feedback_id(request_id: str, item_id: str) -> str:
@@ -140,12 +177,12 @@ def feedback_id(request_id: str, item_id: str) -> str:
     return f"{request_id}/{item_id}"
 
 
-Event = Impression | Click | Feedback
-E = TypeVar("E", Impression, Click, Feedback)
+Event = Impression | Click | Reward | Feedback
+E = TypeVar("E", Impression, Click, Reward, Feedback)
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
-_decoders = {cls: msgspec.json.Decoder(cls) for cls in (Impression, Click, Feedback)}
+_decoders = {cls: msgspec.json.Decoder(cls) for cls in (Impression, Click, Reward, Feedback)}
 
 
 def encode(event: Event) -> bytes:
@@ -195,12 +232,22 @@ def decode_click(raw: bytes) -> Click:
     return _decode(Click, raw)
 
 
+def decode_reward(raw: bytes) -> Reward:
+    """Decode and validate one Reward; raises :class:`EventError`."""
+    return _decode(Reward, raw)
+
+
 def decode_feedback(raw: bytes) -> Feedback:
     """Decode and validate one Feedback; raises :class:`EventError`."""
     return _decode(Feedback, raw)
 
 
-DECODERS = {"impression": decode_impression, "click": decode_click, "feedback": decode_feedback}
+DECODERS = {
+    "impression": decode_impression,
+    "click": decode_click,
+    "reward": decode_reward,
+    "feedback": decode_feedback,
+}
 
 
 def check_clock(ts: float, now: float, max_future_s: float = MAX_FUTURE_SKEW_S) -> None:

@@ -6,6 +6,7 @@ and evaluation, so an arm means the same item everywhere.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -16,8 +17,10 @@ import numpy as np
 _HASHED_LABEL_BASE = 1 << 62
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def item_label(item_id: str) -> int:
-    """The int64 arm label of an item id, stable across processes.
+    """The int64 arm label of an item id, stable across processes (memoised: serving
+    labels every candidate of every request).
 
     Ids ``"i<n>"`` map to ``n``; any other id maps to a 62-bit blake2b hash
     offset by ``2**62``.

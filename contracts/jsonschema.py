@@ -12,10 +12,10 @@ from typing import Any
 
 import msgspec
 
-from contracts.events import Click, Feedback, Impression
+from contracts.events import Click, Feedback, Impression, Reward
 
 SCHEMA_DIR = Path(__file__).parent / "schemas"
-EVENTS = {"impression": Impression, "click": Click, "feedback": Feedback}
+EVENTS = {"impression": Impression, "click": Click, "reward": Reward, "feedback": Feedback}
 
 
 def render(name: str) -> bytes:

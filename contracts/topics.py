@@ -22,6 +22,7 @@ TOPICS: dict[str, TopicSpec] = {
     spec.role: spec
     for spec in (
         TopicSpec("clicks", "clicks", "user_id", "Click", "gateway, producers"),
+        TopicSpec("rewards", "rewards", "user_id", "Reward", "gateway, producers"),
         TopicSpec("impressions", "impressions", "user_id", "Impression", "serving, producers"),
         TopicSpec("feedback", "feedback", "user_id", "Feedback", "joiner"),
         TopicSpec(

@@ -10,6 +10,9 @@ streamrec simulate [--gateway URL [--token T]] [--serving URL] [--rate R] [--dur
 streamrec evaluate [--policies a,b,... --steps N --seed N --seeds N --scenario S --window W
                     --out DIR] [--replay FILE | --ips FILE] [--logging-policy P]
                    [--train-fraction F]
+streamrec evaluate --from-kafka [--policies linucb:alpha=0.5,model@7,...] [--since T --until T |
+                   --from-offset O --to-offset O] [--logging-policy P] [--out DIR]
+streamrec export-log --from-kafka [range options] --format obp|dsjson --out PATH
 streamrec models list|show|pin|unpin|rollback|export|import ...  (see services/models/command.py)
 streamrec topics                 (create the topics on the configured Kafka)
 streamrec schemas [--check]      (write or check contracts/schemas/*.json)"""
@@ -26,6 +29,7 @@ from services.apps import SERVICES, available_services
 from services.common.settings import KafkaSettings, TopicSettings
 from services.common.topics import create_topics
 from services.evaluation import command as evaluate_command
+from services.evaluation import export as export_command
 from services.models import command as models_command
 from services.simulator import command as simulate_command
 from services.stack import command as stack_command
@@ -85,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", stack_command.add_run_dir_argument, stack_command.status),
         ("simulate", simulate_command.add_arguments, simulate_command.run),
         ("evaluate", evaluate_command.add_arguments, evaluate_command.run),
+        ("export-log", export_command.add_arguments, export_command.run),
         ("models", models_command.add_arguments, models_command.run),
     ):
         sub = commands.add_parser(name, help=(func.__doc__ or "").strip().split("\n")[0])

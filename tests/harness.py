@@ -242,9 +242,14 @@ class SendFuture:
         if self.error is not None:
             raise self.error
 
-    def add_errback(self, callback: Callable[[Exception], Any]) -> SendFuture:
+    def add_callback(self, callback: Callable[..., Any], *args: Any) -> SendFuture:
+        if self.error is None:
+            callback(*args, None)
+        return self
+
+    def add_errback(self, callback: Callable[..., Any], *args: Any) -> SendFuture:
         if self.error is not None:
-            callback(self.error)
+            callback(*args, self.error)
         return self
 
 

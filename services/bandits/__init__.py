@@ -8,7 +8,7 @@ which ``merge`` sums across Kafka partitions.
 
 from __future__ import annotations
 
-from services.bandits._kernels import top_k
+from services.bandits._kernels import greedy_inclusion, top_k
 from services.bandits.base import BanditLearner
 from services.bandits.epsilon import EpsilonGreedy
 from services.bandits.factory import LEARNERS, learner_class, learner_from_params, new_learner
@@ -25,6 +25,7 @@ __all__ = [
     "HybridLinUCB",
     "LinUCB",
     "LinearThompson",
+    "greedy_inclusion",
     "learner_class",
     "learner_from_params",
     "new_learner",

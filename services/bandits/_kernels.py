@@ -57,6 +57,52 @@ def top_k(scores: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.lexsort((keys, -scores), axis=-1)[..., :k]
 
 
+def greedy_inclusion(scores: np.ndarray, k: int) -> np.ndarray:
+    """Probability of each candidate being in the top ``k`` under random tie-breaking.
+
+    1 above the k-th best score, 0 below it, and for the ``t`` candidates tied at
+    the k-th score, the ``s`` top-k places left for them divided by ``t``.
+
+    >>> greedy_inclusion(np.array([3.0, 1.0, 1.0, 1.0, 0.0]), k=2).tolist()
+    [1.0, 0.3333333333333333, 0.3333333333333333, 0.3333333333333333, 0.0]
+    """
+    threshold = np.partition(scores, len(scores) - k)[len(scores) - k]
+    above = scores > threshold
+    tied = scores == threshold
+    return np.where(above, 1.0, np.where(tied, (k - above.sum()) / tied.sum(), 0.0))
+
+
+def sampled_inclusion(draws: np.ndarray, shown: np.ndarray, k: int) -> np.ndarray:
+    """Monte Carlo probability of each candidate being in the top ``k`` of a random score.
+
+    ``draws`` is an (M, n) matrix of M independent score draws, ``shown`` the
+    draw the slate was actually built from. Each candidate's estimate counts
+    the draws that put it in the top ``k`` (ties, which have probability 0 for
+    continuous scores, count fractionally) over all M + 1 draws, the shown one
+    included: a shown item's estimate is at least ``1 / (M + 1)``, never 0, and
+    the estimate's standard deviation is at most ``0.5 / sqrt(M + 1)``.
+
+    >>> draws = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.1], [0.7, 0.3, 0.6]])
+    >>> sampled_inclusion(draws, np.array([0.9, 0.4, 0.1]), k=1).tolist()
+    [0.75, 0.25, 0.0]
+    """
+    m, n = draws.shape
+    k = min(k, n)
+    if k == n:
+        return np.ones(n)
+    # Rank by column: the k-th largest of each draw is its threshold.
+    threshold = np.partition(draws, n - k, axis=1)[:, n - k : n - k + 1]
+    counts = np.count_nonzero(draws > threshold, axis=0).astype(np.float64)
+    tied = draws == threshold
+    if np.count_nonzero(tied) > m:  # ties beyond the threshold itself: split the places
+        above = np.count_nonzero(draws > threshold, axis=1, keepdims=True)
+        share = (k - above) / np.count_nonzero(tied, axis=1, keepdims=True)
+        counts += (tied * share).sum(axis=0)
+    else:
+        counts += tied.sum(axis=0)
+    return (counts + greedy_inclusion(shown, k)) / (m + 1)
+
+
 def group_rows(slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows grouped by arm: ``(order, arms, starts)``.
 

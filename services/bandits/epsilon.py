@@ -6,7 +6,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from services.bandits.base import BanditLearner, positive
+from services.bandits._kernels import greedy_inclusion
+from services.bandits.base import BanditLearner, _check_items, positive
 
 
 class EpsilonGreedy(BanditLearner):
@@ -40,6 +41,27 @@ class EpsilonGreedy(BanditLearner):
     def _score(self, slots: np.ndarray, X: np.ndarray | None) -> np.ndarray:
         if self._rng.random() < self.epsilon:
             return self._rng.random(len(slots))
+        return self._means(slots)
+
+    def inclusion(
+        self,
+        items: np.ndarray,
+        X: np.ndarray | None,
+        scores: np.ndarray,
+        k: int,
+        *,
+        draws: int = 0,
+    ) -> np.ndarray:
+        """Exact: ``(1 - ε)`` times the greedy top-k probability of the mean rewards,
+        plus ``ε k / n`` (an exploring call ranks uniformly at random). ``scores`` and
+        ``draws`` play no part."""
+        exploit = self._means(self._table.lookup(_check_items(items)))
+        n = len(exploit)
+        return (1.0 - self.epsilon) * greedy_inclusion(exploit, min(k, n)) + self.epsilon * min(
+            k, n
+        ) / n
+
+    def _means(self, slots: np.ndarray) -> np.ndarray:
         counts = self._table.arrays["counts"][slots]
         sums = self._table.arrays["reward_sums"][slots]
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -33,6 +33,7 @@ class LinearThompson(DisjointRidge):
 
     name: ClassVar[str] = "ts_linear"
     _hyperparameters: ClassVar[tuple[str, ...]] = ("dim", "v", "ridge")
+    randomised: ClassVar[bool] = True
 
     def __init__(
         self, dim: int, v: float = 0.25, ridge: float = 1.0, seed: int | None = None
@@ -44,6 +45,11 @@ class LinearThompson(DisjointRidge):
         assert X is not None
         mean, width = self._posterior(slots, X)
         return mean + self.v * width * self._rng.standard_normal(len(slots))
+
+    def _draw_scores(self, slots: np.ndarray, X: np.ndarray | None, draws: int) -> np.ndarray:
+        assert X is not None
+        mean, width = self._posterior(slots, X)
+        return mean + self.v * width * self._rng.standard_normal((draws, len(slots)))
 
     @classmethod
     def _unit_test_params(cls) -> dict[str, Any]:

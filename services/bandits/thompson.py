@@ -36,6 +36,7 @@ class BetaThompson(BanditLearner):
     _hyperparameters: ClassVar[tuple[str, ...]] = ("prior_alpha", "prior_beta", "discount")
     _arm_statistics: ClassVar[tuple[str, ...]] = ("successes", "failures")
     _reward_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
+    randomised: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -60,6 +61,12 @@ class BetaThompson(BanditLearner):
             self.prior_alpha + arrays["successes"][slots],
             self.prior_beta + arrays["failures"][slots],
         )
+
+    def _draw_scores(self, slots: np.ndarray, X: np.ndarray | None, draws: int) -> np.ndarray:
+        arrays = self._table.arrays
+        alpha = self.prior_alpha + arrays["successes"][slots]
+        beta = self.prior_beta + arrays["failures"][slots]
+        return self._rng.beta(alpha, beta, size=(draws, len(slots)))
 
     def _update(self, slots: np.ndarray, X: np.ndarray | None, rewards: np.ndarray) -> None:
         successes = self._table.rows("successes")

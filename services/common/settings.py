@@ -134,6 +134,8 @@ class TopicSettings(BaseSettings):
     """``STREAMREC_TOPIC_CLICKS``."""
     impressions: str = "impressions"
     """``STREAMREC_TOPIC_IMPRESSIONS``."""
+    rewards: str = "rewards"
+    """``STREAMREC_TOPIC_REWARDS``: graded reward signals (purchases, dwell, ratings)."""
     feedback: str = "feedback"
     """``STREAMREC_TOPIC_FEEDBACK``."""
     dead_letter: str = "dead-letter"
@@ -151,7 +153,13 @@ class TopicSettings(BaseSettings):
     def all(self) -> dict[str, int]:
         return {
             name: self.partitions
-            for name in (self.clicks, self.impressions, self.feedback, self.dead_letter)
+            for name in (
+                self.clicks,
+                self.impressions,
+                self.rewards,
+                self.feedback,
+                self.dead_letter,
+            )
         }
 
 

@@ -1,7 +1,10 @@
 """Evaluation toolkit: metrics, off-policy estimators, replay, and online simulation.
 
 Everything here is pure computation over arrays, logs and the simulated world
-(:mod:`services.simulator`); ``command`` is the ``streamrec evaluate`` entry point.
+(:mod:`services.simulator`), except the entry points -- ``command`` for
+``streamrec evaluate``, ``export`` for ``streamrec export-log`` -- and ``kafka_log``,
+which reads a range of the logged topics for them; ``logged`` evaluates and
+exports what it read.
 Plotting lives in :mod:`services.evaluation.plots` and is imported on demand,
 so importing the toolkit does not load matplotlib.
 """

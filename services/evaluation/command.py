@@ -16,6 +16,15 @@ on the log's head and estimates the frozen policy's value on the rest with IPS,
 SNIPS and doubly robust estimators. Both use the logged slates' top position
 (see :mod:`services.evaluation.replay`), so the log must come from a uniformly
 random logger (select it with ``--logging-policy`` if the log mixes policies).
+
+From Kafka: ``--from-kafka`` reads a range of the feedback topic and the
+impressions it refers to (:mod:`services.evaluation.kafka_log`) and estimates
+each policy's reward per shown item with IPS, SNIPS, doubly robust and replay
+(:mod:`services.evaluation.logged`). Policies are learners with hyperparameters
+(``linucb:alpha=0.5``), trained on the range's first ``--train-fraction`` of
+slates, or saved versions from the parameter store (``model@version``),
+evaluated as saved. Prints a table; ``--out DIR`` gets ``results.json`` and
+``estimates.png``.
 """
 
 from __future__ import annotations
@@ -26,8 +35,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kafka.errors import KafkaError
+
+from contracts.errors import StreamrecError
+from services.bandits import learner_class, learner_from_params
+from services.common.clients import REDIS_ERRORS
+from services.common.settings import RedisSettings
 from services.evaluation.estimators import Estimate
-from services.evaluation.online import POLICY_NAMES, make_policy, simulate
+from services.evaluation.kafka_log import add_range_arguments, read_from_args
+from services.evaluation.logged import (
+    ESTIMATORS,
+    OffPolicyResult,
+    decisions_from_log,
+    evaluate_policies,
+    parse_policy_spec,
+)
+from services.evaluation.online import POLICY_NAMES, LearnerPolicy, make_policy, simulate
 from services.evaluation.replay import (
     LoggedEvent,
     frozen_policy_estimates,
@@ -37,6 +60,7 @@ from services.evaluation.replay import (
 )
 from services.evaluation.verdict import BASELINE
 from services.evaluation.verdict import report as verdict_report
+from services.paramstore import ParamStore, combine_parts
 from services.simulator.world import SCENARIOS, WorldConfig
 
 #: Policies only the online evaluation can run (DRN learns from interleaved slates).
@@ -48,7 +72,8 @@ def _policy_list(value: str) -> list[str]:
     names = [name.strip() for name in value.split(",") if name.strip()]
     if not names:
         raise argparse.ArgumentTypeError("give at least one policy")
-    if unknown := [n for n in names if n not in CHOICES]:
+    bases = [n.partition(":")[0] for n in names if "@" not in n]
+    if unknown := [n for n in bases if n not in CHOICES]:
         raise argparse.ArgumentTypeError(
             f"unknown policies {unknown}; choose from {','.join(CHOICES)}"
         )
@@ -92,6 +117,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     offline.add_argument(
         "--ips", type=Path, metavar="FILE.jsonl", help="IPS/SNIPS/DR-evaluate on a Feedback log"
     )
+    offline.add_argument(
+        "--from-kafka",
+        action="store_true",
+        help="IPS/SNIPS/DR/replay-evaluate on a range of the feedback topic; policies may be "
+        "learner:key=value:... or model@version",
+    )
+    add_range_arguments(parser)
+    parser.add_argument(
+        "--redis", metavar="URL", help="parameter store for model@version (default: REDIS_URL)"
+    )
     parser.add_argument(
         "--logging-policy", help="use only slates served by this policy (offline modes)"
     )
@@ -99,14 +134,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--train-fraction",
         type=float,
         default=0.5,
-        help="share of the log the --ips policies learn from before being frozen (default 0.5)",
+        help="share of the log the --ips / --from-kafka learners learn from before being frozen "
+        "(default 0.5)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation ``args`` describe; 0 on success, 2 on bad input."""
     try:
-        if args.replay or args.ips:
+        if args.from_kafka:
+            report = _from_kafka(args)
+        elif specs := [n for n in args.policies if ":" in n or "@" in n]:
+            raise ValueError(f"{specs}: hyperparameters and model versions need --from-kafka")
+        elif args.replay or args.ips:
             report = _offline(args)
         else:
             report = _online(args)
@@ -220,6 +260,111 @@ def _offline(args: argparse.Namespace) -> dict[str, Any]:
             results[name] = {kind: e.as_dict() for kind, e in estimates.items()}
     report["policies"] = results
     return report
+
+
+def _from_kafka(args: argparse.Namespace) -> dict[str, Any]:
+    if online_only := [name for name in args.policies if name in ONLINE_ONLY]:
+        raise ValueError(f"{online_only} can only be evaluated online")
+    for spec in args.policies:
+        if "@" not in spec:
+            parse_policy_spec(spec)
+    try:
+        log = read_from_args(args)
+    except KafkaError as exc:
+        raise ValueError(f"Kafka: {exc}") from None
+    decisions, summary = decisions_from_log(
+        log.impressions, log.feedback, logging_policy=args.logging_policy
+    )
+    print(
+        f"{summary.feedback_records} feedback records, {len(log.impressions)} impressions: "
+        f"{summary.decisions} slates ({summary.rounds} shown items) usable"
+    )
+    for reason, count in sorted(summary.skipped.items()):
+        print(f"  left out {count} feedback records: {reason}")
+    for topic, count in sorted(log.invalid.items()):
+        print(f"  {count} records of {topic!r} did not decode")
+    if not decisions:
+        raise ValueError("no usable slates in the range")
+    frozen = {spec: _model_policy(spec, args) for spec in args.policies if "@" in spec}
+    result = evaluate_policies(
+        args.policies,
+        decisions,
+        train_fraction=args.train_fraction,
+        seed=args.seed,
+        frozen=frozen,
+    )
+    _print_table(result)
+    report: dict[str, Any] = {
+        "source": "kafka",
+        "ranges": log.ranges,
+        "invalid_records": log.invalid,
+        "log": summary.as_dict(),
+        "logging_policy": args.logging_policy,
+        "train_fraction": args.train_fraction,
+        "training_slates": len(result.training),
+        "evaluation_slates": len(result.evaluation),
+        "evaluation_rounds": int(result.rounds.reward.size),
+        "uniform_logging": result.rounds.uniform,
+        "policies": {
+            p.spec: {k: (e.as_dict() if e else None) for k, e in p.estimates.items()}
+            for p in result.policies
+        },
+    }
+    if args.out:
+        from services.evaluation.plots import plot_estimates  # matplotlib: only with --out
+
+        path = plot_estimates(
+            {p.spec: p.estimates for p in result.policies},
+            args.out / "estimates.png",
+            title=f"{len(result.evaluation)} logged slates, 95% CI",
+        )
+        print(f"wrote {path}")
+    return report
+
+
+def _print_table(result: OffPolicyResult) -> None:
+    print(
+        f"trained on {len(result.training)} slates, evaluated on {len(result.evaluation)} "
+        f"({result.rounds.reward.size} shown items); reward per shown item, 95% CI"
+    )
+    print(
+        f"{'policy':<24} {'estimator':<9} {'value':>8} {'stderr':>8} {'ci low':>8} {'ci high':>8}"
+    )
+    for policy in result.policies:
+        for kind in ESTIMATORS:
+            e = policy.estimates[kind]
+            if e is None:
+                why = "logger not uniform" if kind == "replay" else "target shows no logged item"
+                print(f"{policy.spec:<24} {kind:<9} {'-':>8}  ({why})")
+            else:
+                print(
+                    f"{policy.spec:<24} {kind:<9} {e.value:8.4f} {e.stderr:8.4f} "
+                    f"{e.ci_low:8.4f} {e.ci_high:8.4f}"
+                )
+
+
+def _model_policy(spec: str, args: argparse.Namespace) -> LearnerPolicy:
+    """The bandit learner of a saved version ``model@version`` from the parameter store."""
+    model, _, raw = spec.partition("@")
+    try:
+        version = int(raw)
+    except ValueError:
+        raise ValueError(f"{spec!r}: expected model@version with an integer version") from None
+    settings = RedisSettings(**({"url": args.redis} if args.redis else {}))
+    store = ParamStore.from_settings(settings)
+    try:
+        parts = store.version_parts(model, version)
+        names = {str(part.meta.get("learner")) for part in parts.values()}
+        if len(names) != 1:
+            raise ValueError(f"{spec!r}: parts name learners {sorted(names)}")
+        header, arrays = combine_parts(
+            model, version, parts, combine=learner_class(names.pop()).merge
+        )
+        return LearnerPolicy(learner_from_params(version, header, arrays, seed=args.seed))
+    except (StreamrecError, *REDIS_ERRORS) as exc:
+        raise ValueError(f"{spec!r}: {exc}") from None
+    finally:
+        store.close()
 
 
 def _widths(events: list[LoggedEvent]) -> tuple[int, int]:

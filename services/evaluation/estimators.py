@@ -18,6 +18,10 @@ the probability, so the estimators stay unbiased.
 
 Every estimator returns an :class:`Estimate` with a normal-approximation
 confidence interval; :func:`bootstrap` gives a percentile interval instead.
+Events that are not independent -- the shown items of one slate -- are passed
+with ``clusters`` (one label per event, e.g. the slate's request): the point
+estimate is unchanged and the standard error is the cluster-robust one, from
+the per-cluster sums of the estimator's terms (:func:`clustered_stderr`).
 
 >>> r = np.array([1.0, 0.0, 1.0, 0.0])
 >>> ips(r, logging_propensity=np.full(4, 0.5), target_probability=np.array([1, 1, 0, 0])).value
@@ -79,6 +83,33 @@ class Estimate:
         }
 
 
+def clustered_stderr(terms: np.ndarray, clusters: np.ndarray, scale: float) -> float:
+    """Cluster-robust standard error of ``sum(terms) / scale`` where ``terms`` have mean 0
+    within the estimator (residuals) and only events of one cluster are dependent.
+
+    ``sqrt(J / (J - 1) * sum_j (sum of cluster j's terms)^2) / scale`` over the
+    ``J`` clusters; with one event per cluster it is the usual
+    ``sqrt(n / (n - 1) * sum(terms^2)) / scale``.
+    """
+    labels = np.asarray(clusters)
+    if labels.shape != terms.shape:
+        raise ValueError(f"clusters {labels.shape} and events {terms.shape} differ in length")
+    _, index = np.unique(labels, return_inverse=True)
+    sums = np.bincount(index.ravel(), weights=terms)
+    j = sums.size
+    if j < 2:
+        return math.inf
+    return float(math.sqrt(j / (j - 1) * np.sum(sums**2)) / scale)
+
+
+def _mean_estimate(values: np.ndarray, clusters: np.ndarray | None, level: float) -> Estimate:
+    if clusters is None:
+        return Estimate.of_mean(values, level)
+    value = float(values.mean())
+    stderr = clustered_stderr(values - value, clusters, values.size)
+    return Estimate.normal(value, stderr, values.size, level)
+
+
 def _z(level: float) -> float:
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
@@ -120,13 +151,14 @@ def ips(
     target_probability: np.ndarray,
     clip: float | None = None,
     level: float = 0.95,
+    clusters: np.ndarray | None = None,
 ) -> Estimate:
     """Inverse propensity scoring: ``mean(w * r)``."""
     (r,) = _arrays(rewards=rewards)
     w = importance_weights(logging_propensity, target_probability, clip)
     if w.shape != r.shape:
         raise ValueError(f"rewards {r.shape} and propensities {w.shape} differ in length")
-    return Estimate.of_mean(w * r, level)
+    return _mean_estimate(w * r, clusters, level)
 
 
 def snips(
@@ -136,6 +168,7 @@ def snips(
     target_probability: np.ndarray,
     clip: float | None = None,
     level: float = 0.95,
+    clusters: np.ndarray | None = None,
 ) -> Estimate:
     """Self-normalised IPS: ``sum(w * r) / sum(w)``, stderr by the delta method."""
     (r,) = _arrays(rewards=rewards)
@@ -149,6 +182,8 @@ def snips(
     n = r.size
     # Delta method for a ratio of means: var(w * (r - value)) / (n * mean(w)^2).
     residual = w * (r - value)
+    if clusters is not None:
+        return Estimate.normal(value, clustered_stderr(residual, clusters, total), n, level)
     stderr = float(math.sqrt(np.sum(residual**2) / n / n) / (total / n)) if n > 1 else math.inf
     return Estimate.normal(value, stderr, n, level)
 
@@ -162,6 +197,7 @@ def doubly_robust(
     predicted_target: np.ndarray,
     clip: float | None = None,
     level: float = 0.95,
+    clusters: np.ndarray | None = None,
 ) -> Estimate:
     """Doubly robust: ``mean(q_pi(x) + w * (r - q(x, a)))``.
 
@@ -174,7 +210,7 @@ def doubly_robust(
     w = importance_weights(logging_propensity, target_probability, clip)
     if w.shape != r.shape:
         raise ValueError(f"rewards {r.shape} and propensities {w.shape} differ in length")
-    return Estimate.of_mean(q_target + w * (r - q_logged), level)
+    return _mean_estimate(q_target + w * (r - q_logged), clusters, level)
 
 
 def bootstrap(

@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from services.common.intervals import wilson
+from services.evaluation.estimators import Estimate
 from services.evaluation.online import OnlineResult
 
 #: (x, successes, trials) of one rate series: the rate at ``x[i]`` is ``successes[i] / trials[i]``.
@@ -144,3 +145,47 @@ def plot_online(result: OnlineResult, directory: str | Path, *, window: int) -> 
             title=title,
         ),
     ]
+
+
+def plot_estimates(
+    estimates: Mapping[str, Mapping[str, Estimate | None]],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    truth: Mapping[str, float] | None = None,
+) -> Path:
+    """Point estimates with their confidence intervals: one group per policy, one bar
+    per estimator (estimators that are unavailable, None, are left out).
+
+    ``truth`` (policy -> value), where known, is drawn as a dashed line per group.
+    """
+    if not estimates:
+        raise ValueError("plot_estimates needs at least one policy")
+    path = Path(path)
+    kinds = sorted({k for per in estimates.values() for k, e in per.items() if e is not None})
+    fig = Figure(figsize=(max(6.0, 1.6 * len(estimates) + 2), 4))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(kinds))
+    for j, kind in enumerate(kinds):
+        xs, values, errors = [], [], []
+        for i, per in enumerate(estimates.values()):
+            e = per.get(kind)
+            if e is None:
+                continue
+            xs.append(i + (j - (len(kinds) - 1) / 2) * width)
+            values.append(e.value)
+            errors.append([e.value - e.ci_low, e.ci_high - e.value])
+        ax.errorbar(xs, values, yerr=np.array(errors).T, fmt="o", capsize=4, label=kind)
+    for i, name in enumerate(estimates):
+        if truth and name in truth:
+            ax.hlines(truth[name], i - 0.45, i + 0.45, colors="black", linestyles="dashed")
+    ax.set_xticks(range(len(estimates)), list(estimates), rotation=15)
+    ax.set_ylabel("estimated reward per shown item")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, format="png")
+    return path

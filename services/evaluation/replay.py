@@ -215,9 +215,10 @@ class LoggedSlate:
     item_features: np.ndarray
     teams: list[Team | None] = field(default_factory=list)
 
-    def team_clicks(self, team: Team) -> int:
-        """Clicks on the items ``team`` contributed to an interleaved slate."""
-        return int(sum(r for r, t in zip(self.rewards, self.teams, strict=True) if t == team))
+    def team_clicks(self, team: Team) -> float:
+        """Reward (clicks, or graded rewards) of the items ``team`` contributed to an
+        interleaved slate."""
+        return float(sum(r for r, t in zip(self.rewards, self.teams, strict=True) if t == team))
 
 
 def group_feedback(feedback: Iterable[Feedback]) -> list[LoggedSlate]:
@@ -255,7 +256,7 @@ def _slate(request_id: str, events: list[Feedback]) -> LoggedSlate:
         context=np.asarray(first.context, dtype=np.float64),
         items=[e.item_id for e in events],
         positions=positions,
-        rewards=np.array([e.reward for e in events], dtype=np.int64),
+        rewards=np.array([e.reward for e in events], dtype=np.float64),
         propensities=np.array([e.propensity for e in events]),
         item_features=np.array([e.item_features for e in events], dtype=np.float64).reshape(
             len(events), widths.pop()
@@ -320,7 +321,7 @@ def top_slot_events(
 
 
 def interleaving_credits(slates: Iterable[LoggedSlate]) -> tuple[np.ndarray, np.ndarray]:
-    """Per interleaved slate, clicks on the ``explore`` and on the ``exploit`` team's items.
+    """Per interleaved slate, the reward of the ``explore`` and of the ``exploit`` team's items.
 
     Slates without team labels are left out; feed the pair to
     :func:`services.evaluation.metrics.interleaving_win_rate`.
@@ -330,4 +331,4 @@ def interleaving_credits(slates: Iterable[LoggedSlate]) -> tuple[np.ndarray, np.
         if any(t is not None for t in slate.teams):
             explore.append(slate.team_clicks("explore"))
             exploit.append(slate.team_clicks("exploit"))
-    return np.array(explore, dtype=np.int64), np.array(exploit, dtype=np.int64)
+    return np.array(explore, dtype=np.float64), np.array(exploit, dtype=np.float64)

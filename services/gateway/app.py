@@ -1,4 +1,9 @@
-"""HTTP ingest: ``POST /v1/clicks`` and ``POST /v1/impressions``.
+"""HTTP ingest: ``POST /v1/clicks``, ``POST /v1/impressions`` and ``POST /v1/rewards``.
+
+Rewards (:class:`~contracts.events.Reward`: a graded signal such as a purchase)
+are accepted only for kinds the reward rule configures (``STREAMREC_REWARD_WEIGHTS``,
+:mod:`services.common.rewards`), others get a 400 naming the configured kinds:
+with no graded kind configured the joiner does not read the rewards topic.
 
 A body is one event or a JSON array of events. Validation is all-or-nothing: if
 any event is invalid the response is ``400`` listing every bad event by index
@@ -64,8 +69,10 @@ from contracts.events import (
     Click,
     EventError,
     Impression,
+    Reward,
     check_clock,
     decode_click,
+    decode_reward,
     encode,
     split_batch,
 )
@@ -81,6 +88,7 @@ from services.common.http import (
     unauthorised,
 )
 from services.common.metrics import LATENCY_BUCKETS, feature_hash_metrics
+from services.common.rewards import RewardRule, RewardSettings
 from services.common.settings import KafkaSettings, TopicSettings
 from services.gateway.sdk import (
     DEFAULT_BUFFER_MEMORY,
@@ -90,7 +98,7 @@ from services.gateway.sdk import (
 )
 
 log = logging.getLogger(__name__)
-Kind = Literal["clicks", "impressions"]
+Kind = Literal["clicks", "impressions", "rewards"]
 
 
 class GatewaySettings(BaseSettings):
@@ -167,12 +175,14 @@ def create_app(
     registry: CollectorRegistry | None = None,
     clock: Callable[[], float] = time.time,
     context_dim: int | None = None,
+    reward_rule: RewardRule | None = None,
 ) -> Starlette:
     """Build the gateway app around a producer (injected so tests and services share one).
 
     ``context_dim`` is the width impressions' named ``features`` are hashed into
     (:func:`contracts.features.hash_features`): the learners' and serving's
-    ``STREAMREC_BANDITS_CONTEXT_DIM`` unless given.
+    ``STREAMREC_BANDITS_CONTEXT_DIM`` unless given. ``reward_rule`` decides which reward
+    kinds are accepted (``STREAMREC_REWARD_*`` unless given).
     """
     settings = settings or GatewaySettings()
     check_auth(settings)
@@ -187,11 +197,24 @@ def create_app(
             hashing.count("gateway", hashed)
         return impression
 
-    decoders: dict[Kind, Callable[[bytes], Click | Impression]] = {
+    rule = reward_rule or RewardSettings().rule()
+
+    def decode_configured_reward(raw: bytes) -> Reward:
+        reward = decode_reward(raw)
+        if (refusal := rule.refusal(reward.kind)) is not None:
+            raise EventError(refusal)
+        return reward
+
+    decoders: dict[Kind, Callable[[bytes], Click | Impression | Reward]] = {
         "clicks": decode_click,
         "impressions": decode_impression,
+        "rewards": decode_configured_reward,
     }
-    topics = {"clicks": producer.topics.clicks, "impressions": producer.topics.impressions}
+    topics = {
+        "clicks": producer.topics.clicks,
+        "impressions": producer.topics.impressions,
+        "rewards": producer.topics.rewards,
+    }
     auth = BearerAuth(settings.token)
 
     def ingest(kind: Kind, body: bytes) -> Response:
@@ -284,6 +307,7 @@ def create_app(
         routes=[
             Route("/v1/clicks", endpoint("clicks"), methods=["POST"]),
             Route("/v1/impressions", endpoint("impressions"), methods=["POST"]),
+            Route("/v1/rewards", endpoint("rewards"), methods=["POST"]),
             Route("/healthz", healthz),
             Route("/metrics", metrics_endpoint),
         ]

@@ -35,8 +35,18 @@ from kafka.errors import KafkaError
 from kafka.producer.future import FutureRecordMetadata
 
 from contracts.errors import StreamrecError
-from contracts.events import Click, Impression, decode_click, decode_impression, encode
+from contracts.events import (
+    Click,
+    EventError,
+    Impression,
+    Reward,
+    decode_click,
+    decode_impression,
+    decode_reward,
+    encode,
+)
 from services.common import clients
+from services.common.rewards import RewardRule, RewardSettings
 from services.common.settings import KafkaSettings, TopicSettings
 
 log = logging.getLogger(__name__)
@@ -237,11 +247,27 @@ class EventProducer:
         decode_click(raw)
         return self._send(self.topics.clicks, click.user_id.encode(), raw)
 
-    def send_impression(self, impression: Impression) -> FutureRecordMetadata:
-        """Validate and send one impression; raises ``EventError`` if it is invalid."""
+    def send_impression(
+        self, impression: Impression, *, validate: bool = True
+    ) -> FutureRecordMetadata:
+        """Validate and send one impression; raises ``EventError`` if it is invalid.
+
+        ``validate=False`` skips the decode round trip for an impression the caller
+        built from checked parts (serving's own slates).
+        """
         raw = encode(impression)
-        decode_impression(raw)
+        if validate:
+            decode_impression(raw)
         return self._send(self.topics.impressions, impression.user_id.encode(), raw)
+
+    def send_reward(self, reward: Reward, rule: RewardRule | None = None) -> FutureRecordMetadata:
+        """Validate and send one graded reward; raises ``EventError`` if it is invalid
+        or its kind is not one ``rule`` (``STREAMREC_REWARD_*`` unless given) accepts."""
+        raw = encode(reward)
+        decode_reward(raw)
+        if (refusal := (rule or RewardSettings().rule()).refusal(reward.kind)) is not None:
+            raise EventError(refusal)
+        return self._send(self.topics.rewards, reward.user_id.encode(), raw)
 
     def send_raw(self, topic: str, user_id: str, raw: bytes) -> FutureRecordMetadata:
         """Send bytes already validated by the caller."""

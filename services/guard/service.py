@@ -222,7 +222,7 @@ class GuardProcessor(Processor):
                 continue
             counts = self.partitions[record.partition]
             if not self.watch.add(
-                counts, fb.policy, ts=fb.ts, reward=fb.reward, version=fb.model_version
+                counts, fb.policy, ts=fb.ts, reward=int(fb.clicked), version=fb.model_version
             ):
                 late += 1
         if late:

@@ -3,7 +3,9 @@ into the sequential test, alarms out with the version to roll back to.
 
 :class:`PartitionCounts` holds one input partition's counts: per event-time bucket
 (``floor(ts / bucket_s)``) and policy, the items shown, the clicks and the newest
-model version that served them. It is what the guard service checkpoints with the
+model version that served them (a click is :attr:`Feedback.clicked
+<contracts.events.Feedback.clicked>`: the guard watches click-through, whatever graded
+reward the feedback also carries). It is what the guard service checkpoints with the
 partition's offsets, so a restart re-reads what came after the checkpoint and
 counts every feedback exactly once. A feedback whose bucket is already closed in
 its partition (its impression time is more than ``lateness_s`` behind the newest

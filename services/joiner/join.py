@@ -57,7 +57,17 @@ rebuilt silently.
 >>> join.click(Click(event_id="c", user_id="u", item_id="a", ts=1e9 + 3, request_id="r"), 0)
 []
 >>> [(f.item_id, f.reward) for f in join.advance(1e9 + 40)]  # a watermark for both streams
-[('a', 1)]
+[('a', 1.0)]
+
+**Graded rewards** (a :class:`~services.common.rewards.RewardRule` with kinds besides
+clicks): :class:`Reward` events are a third stream, joined like clicks that carry a
+request id: attached to their open impression (or waiting for it for the horizon),
+counted only within the window, their ids remembered to drop duplicates, and the
+rewards stream's progress is part of the watermark. At close each shown item's
+signals (clicks as kind ``click`` with value 1, every reward kind at its largest
+value) are combined by the rule into the feedback's ``reward``; ``signals`` holds
+the parts. A signal that comes after its impression closed, or outside the window,
+is counted late (``rewards_late``), like a late click.
 """
 
 from __future__ import annotations
@@ -71,7 +81,8 @@ from typing import Literal, NamedTuple, TypeVar
 
 import msgspec
 
-from contracts.events import Click, Feedback, Impression, feedback_id
+from contracts.events import Click, Feedback, Impression, Reward, feedback_id
+from services.common.rewards import CLICK, RewardRule
 from services.joiner.clock import bound_time
 
 #: A retry of a produce that timed out can land this long after its original: the
@@ -98,8 +109,8 @@ CloseKey = tuple[float, int, tuple[str, int] | tuple[int, int]]
 #: user_id -> (item_id, ts, offset) for each item each open impression showed, sorted:
 #: one list per user, of plain tuples the garbage collector does not track.
 Index = dict[str, list[tuple[str, float, int]]]
-Stream = Literal["impressions", "clicks"]
-EventT = TypeVar("EventT", Impression, Click)
+Stream = Literal["impressions", "clicks", "rewards"]
+EventT = TypeVar("EventT", Impression, Click, Reward)
 
 
 class Mark(NamedTuple):
@@ -206,10 +217,21 @@ class OpenImpression:
     clicks: dict[str, list[PendingClick]] | None = None
     #: The earliest click attached to this impression (for replay on restore).
     click_mark: Mark | None = None
+    #: item_id -> the reward events attached (None until the first).
+    rewards: dict[str, list[PendingReward]] | None = None
+    #: The earliest reward event attached to this impression (for replay on restore).
+    reward_mark: Mark | None = None
 
 
 class PendingClick(NamedTuple):
     click: Click
+    mark: Mark
+    #: The impression stream's progress at which it stops waiting for its impression.
+    expires: float
+
+
+class PendingReward(NamedTuple):
+    reward: Reward
     mark: Mark
     #: The impression stream's progress at which it stops waiting for its impression.
     expires: float
@@ -227,8 +249,12 @@ class PartitionJoin:
         max_open_per_user: int = DEFAULT_MAX_OPEN_PER_USER,
         max_remembered: int = DEFAULT_MAX_REMEMBERED,
         max_skew_s: float = DEFAULT_MAX_SKEW_S,
+        rule: RewardRule | None = None,
     ) -> None:
         self.window_s = window_s
+        #: How signals combine into a reward; graded rules add the rewards stream.
+        self.rule = rule or RewardRule()
+        self.graded = self.rule.graded
         self.lateness_s = lateness_s
         #: How long after arriving (in the impression stream's time) an impression id is
         #: remembered and a click waits for its impression.
@@ -238,6 +264,7 @@ class PartitionJoin:
         #: Largest event time seen among impressions and among clicks (0: none yet).
         self.seen_impressions = 0.0
         self.seen_clicks = 0.0
+        self.seen_rewards = 0.0
         #: request_id -> its open impression (the latest, if a duplicate came past the
         #: horizon while the first was still open).
         self.open: dict[str, OpenImpression] = {}
@@ -258,10 +285,14 @@ class PartitionJoin:
         self.stats: Counter[str] = Counter()
         self._impression_ids = Remembered(max_remembered, self.stats, "evicted_impressions")
         self._click_ids = Remembered(max_remembered, self.stats, "evicted_clicks")
-        self._pins: dict[Stream, list[Pin]] = {"impressions": [], "clicks": []}
+        self._reward_ids = Remembered(max_remembered, self.stats, "evicted_rewards")
+        self._pins: dict[Stream, list[Pin]] = {"impressions": [], "clicks": [], "rewards": []}
         #: request_id -> clicks seen before their impression.
         self.pending: dict[str, list[PendingClick]] = {}
         self._pending_expiry: list[tuple[float, int, str]] = []
+        #: request_id -> reward events seen before their impression.
+        self.pending_rewards: dict[str, list[PendingReward]] = {}
+        self._pending_reward_expiry: list[tuple[float, int, str]] = []
         #: Clicks without request id, until the impression stream passes ts + lateness.
         self._waiting: list[tuple[float, int, PendingClick]] = []
         self._emitted_through = float("-inf")
@@ -269,7 +300,9 @@ class PartitionJoin:
 
     @property
     def watermark(self) -> float:
-        """Event time both streams have passed."""
+        """Event time every stream has passed (the rewards stream only if graded)."""
+        if self.graded:
+            return min(self.seen_impressions, self.seen_clicks, self.seen_rewards)
         return min(self.seen_impressions, self.seen_clicks)
 
     def resume_after(
@@ -282,6 +315,9 @@ class PartitionJoin:
         rereading_clicks: bool,
         impressions_progress: float = 0.0,
         clicks_progress: float = 0.0,
+        seen_rewards: float = 0.0,
+        rereading_rewards: bool = False,
+        rewards_progress: float = 0.0,
     ) -> None:
         """Restore from a checkpoint taken after ``impressions_offset``.
 
@@ -293,10 +329,13 @@ class PartitionJoin:
         the first time: with the checkpointed progress, re-read impressions would
         close before the re-read clicks reach them.
         """
-        self._emitted_through = min(seen_impressions, seen_clicks)
+        self.seen_impressions, self.seen_clicks = seen_impressions, seen_clicks
+        self.seen_rewards = seen_rewards
+        self._emitted_through = self.watermark
         self._emitted_below_offset = impressions_offset
         self.seen_impressions = impressions_progress if rereading_impressions else seen_impressions
         self.seen_clicks = clicks_progress if rereading_clicks else seen_clicks
+        self.seen_rewards = rewards_progress if rereading_rewards else seen_rewards
 
     # -- input -----------------------------------------------------------------
 
@@ -356,10 +395,42 @@ class PartitionJoin:
             heapq.heappush(self._pending_expiry, (expires, offset, request_id))
         return self._close_due()
 
+    def reward(self, reward: Reward, offset: int, received: float | None = None) -> list[Feedback]:
+        """Attribute a graded reward event (unless it is a duplicate); returns what closes.
+
+        Only for a graded rule (the caller reads the rewards stream only then).
+        """
+        reward, arrived = self._bounded(reward, received, "rewards")
+        mark = Mark(offset, self.seen_rewards)
+        self.seen_rewards = max(self.seen_rewards, reward.ts)
+        self._pin("rewards", self._reward_ids.expire(self.seen_rewards))
+        if reward.event_id in self._reward_ids:
+            self._reward_ids.hit(reward.event_id, offset)
+            self.stats["rewards_duplicate"] += 1
+            return self._close_due()
+        forget_at = arrived + self.window_s + self.lateness_s
+        self._pin("rewards", self._reward_ids.add(reward.event_id, forget_at, mark))
+        expires = arrived + self.horizon_s
+        pending = PendingReward(reward, mark, expires)
+        request_id = reward.request_id
+        if (entry := self.open.get(request_id)) is not None:
+            self._attach_reward(entry, pending)
+        elif request_id in self._impression_ids:
+            self.stats["rewards_late"] += 1  # its impression has closed already
+        else:
+            self.pending_rewards.setdefault(request_id, []).append(pending)
+            heapq.heappush(self._pending_reward_expiry, (expires, offset, request_id))
+        return self._close_due()
+
     def advance(
-        self, event_time: float, *, impressions: bool = True, clicks: bool = True
+        self,
+        event_time: float,
+        *,
+        impressions: bool = True,
+        clicks: bool = True,
+        rewards: bool = True,
     ) -> list[Feedback]:
-        """Declare a stream (or both) complete up to ``event_time`` (an idle marker)."""
+        """Declare streams complete up to ``event_time`` (an idle marker)."""
         if impressions:
             self.seen_impressions = max(self.seen_impressions, event_time)
             self._impressions_progressed()
@@ -367,6 +438,9 @@ class PartitionJoin:
         if clicks:
             self.seen_clicks = max(self.seen_clicks, event_time)
             self._pin("clicks", self._click_ids.expire(self.seen_clicks))
+        if rewards:
+            self.seen_rewards = max(self.seen_rewards, event_time)
+            self._pin("rewards", self._reward_ids.expire(self.seen_rewards))
         return self._close_due()
 
     # -- restore ---------------------------------------------------------------
@@ -388,6 +462,14 @@ class PartitionJoin:
                 marks.append(first)
         return self._replay_mark("impressions", impressions), self._replay_mark("clicks", clicks)
 
+    def reward_replay_mark(self) -> Mark | None:
+        """Where to re-read the rewards stream from to rebuild this state exactly."""
+        marks = [e.reward_mark for e in self._live.values() if e.reward_mark is not None]
+        marks += [p.mark for waiting in self.pending_rewards.values() for p in waiting]
+        if (first := self._reward_ids.first()) is not None:
+            marks.append(first)
+        return self._replay_mark("rewards", marks)
+
     def replay_from(self) -> tuple[int | None, int | None]:
         """Earliest impression and click offsets still needed to rebuild this state."""
         impressions, clicks = self.replay_marks()
@@ -399,6 +481,10 @@ class PartitionJoin:
     def remembered(self) -> tuple[int, int]:
         """How many impression and click ids are remembered (for the metrics)."""
         return len(self._impression_ids), len(self._click_ids)
+
+    def remembered_rewards(self) -> int:
+        """How many reward event ids are remembered (for the metrics)."""
+        return len(self._reward_ids)
 
     # -- internals -------------------------------------------------------------
 
@@ -452,6 +538,17 @@ class PartitionJoin:
                 self.pending[request_id] = kept
             else:
                 del self.pending[request_id]
+        while self._pending_reward_expiry and self._pending_reward_expiry[0][0] <= progress:
+            _, offset, request_id = heapq.heappop(self._pending_reward_expiry)
+            rewards = self.pending_rewards.get(request_id)
+            if rewards is None:
+                continue
+            still = [p for p in rewards if p.mark.offset != offset]
+            self.stats["rewards_unmatched"] += len(rewards) - len(still)
+            if still:
+                self.pending_rewards[request_id] = still
+            else:
+                del self.pending_rewards[request_id]
 
     def _resolve_waiting(self) -> None:
         """Match the clicks without request id whose candidates have all been read."""
@@ -493,6 +590,8 @@ class PartitionJoin:
                 _index_add(self._uncut, item_id, entry)
         for pending in self.pending.pop(request_id, ()):
             self._attach(entry, pending)
+        for reward in self.pending_rewards.pop(request_id, ()):
+            self._attach_reward(entry, reward)
         if key[1] == WINDOW:
             self._count(entry, close_at)
 
@@ -612,6 +711,38 @@ class PartitionJoin:
         if entry.click_mark is None or mark.offset < entry.click_mark.offset:
             entry.click_mark = mark
 
+    def _attach_reward(self, entry: OpenImpression, pending: PendingReward) -> None:
+        """Keep a reward event with its impression; whether it counts is decided at the close."""
+        reward, mark = pending.reward, pending.mark
+        if reward.item_id not in entry.items:
+            self.stats["rewards_not_in_slate"] += 1
+        else:
+            if entry.rewards is None:
+                entry.rewards = {}
+            entry.rewards.setdefault(reward.item_id, []).append(pending)
+            counts = self._in_window(entry, reward.ts, mark, pending.expires)
+            self.stats["rewards_matched" if counts else "rewards_late"] += 1
+        if entry.reward_mark is None or mark.offset < entry.reward_mark.offset:
+            entry.reward_mark = mark
+
+    def _signals(self, entry: OpenImpression, item_id: str, clicked: bool) -> dict[str, float]:
+        """The largest value of each signal kind that counts for ``item_id`` of ``entry``."""
+        signals = {CLICK: 1.0} if clicked else {}
+        for pending in (entry.rewards or {}).get(item_id, ()):
+            reward = pending.reward
+            if self._in_window(entry, reward.ts, pending.mark, pending.expires):
+                signals[reward.kind] = max(signals.get(reward.kind, 0.0), reward.value)
+        return signals
+
+    def _in_window(self, entry: OpenImpression, ts: float, mark: Mark, expires: float) -> bool:
+        """Whether a signal at ``ts`` read at ``mark`` of its stream counts for ``entry``
+        (see :meth:`_rewards`)."""
+        return (
+            entry.impression.ts - self.lateness_s <= ts <= entry.window_end
+            and mark.progress < entry.key[0]
+            and expires > entry.progress
+        )
+
     def _rewards(self, entry: OpenImpression, pending: PendingClick) -> bool:
         """Whether a click rewards ``entry``.
 
@@ -622,12 +753,7 @@ class PartitionJoin:
         be), and not kept waiting longer than the horizon before its impression
         came (the pending expiry).
         """
-        ts = pending.click.ts
-        return (
-            entry.impression.ts - self.lateness_s <= ts <= entry.window_end
-            and pending.mark.progress < entry.key[0]
-            and pending.expires > entry.progress
-        )
+        return self._in_window(entry, pending.click.ts, pending.mark, pending.expires)
 
     def _clicked_at(self, entry: OpenImpression, attached: list[PendingClick]) -> float | None:
         """The earliest of the clicks on one item that reward ``entry``, if any."""
@@ -666,6 +792,7 @@ class PartitionJoin:
         for item in imp.slate:
             attached = clicks.get(item.item_id) if clicks else None
             clicked_at = self._clicked_at(entry, attached) if attached else None
+            signals = self._signals(entry, item.item_id, clicked_at is not None)
             out.append(
                 Feedback(
                     feedback_id=feedback_id(imp.request_id, item.item_id),
@@ -673,7 +800,7 @@ class PartitionJoin:
                     user_id=imp.user_id,
                     item_id=item.item_id,
                     ts=imp.ts,
-                    reward=int(clicked_at is not None),
+                    reward=self.rule.reward(signals),
                     clicked_at=clicked_at,
                     position=item.position,
                     propensity=item.propensity,
@@ -682,6 +809,7 @@ class PartitionJoin:
                     team=item.team,
                     context=imp.context,
                     item_features=item.features,
+                    signals=signals,
                 )
             )
         self.stats["impressions_closed"] += 1

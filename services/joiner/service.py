@@ -1,4 +1,9 @@
-"""``streamrec run joiner``: impressions + clicks in, feedback out.
+"""``streamrec run joiner``: impressions + clicks (+ graded rewards) in, feedback out.
+
+Graded rewards: with a reward rule that configures kinds besides clicks
+(``STREAMREC_REWARD_WEIGHTS``, :mod:`services.common.rewards`) the joiner also
+reads the rewards topic as a third stream, co-partitioned, with its own progress,
+idle markers and replay mark; otherwise it does not subscribe to it.
 
 Checkpoints stay small: per partition only the two streams' event-time
 progress and the earliest offsets still needed (with the progress there). On
@@ -37,6 +42,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -45,7 +51,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts.control import decode_watermark, encode_watermark
 from contracts.errors import StreamrecError
-from contracts.events import Feedback, decode_click, decode_impression, encode
+from contracts.events import Feedback, decode_click, decode_impression, decode_reward, encode
 from services.common import (
     Checkpoint,
     ConsumerRuntime,
@@ -55,6 +61,7 @@ from services.common import (
     Rejection,
     TopicSettings,
 )
+from services.common.rewards import RewardRule, RewardSettings
 from services.common.service import ServiceSpec, run_service
 from services.joiner.clock import LogClock
 from services.joiner.join import (
@@ -106,9 +113,10 @@ class JoinerSettings(BaseSettings):
     """``STREAMREC_JOINER_MAX_REMEMBERED``: remembered ids per topic and partition (about
     300 bytes each); above it the oldest are forgotten early (counted)."""
 
-    def join(self) -> PartitionJoin:
-        """A fresh join of one partition with these settings."""
+    def join(self, rule: RewardRule | None = None) -> PartitionJoin:
+        """A fresh join of one partition with these settings and reward ``rule``."""
         return PartitionJoin(
+            rule=rule,
             window_s=self.window_s,
             lateness_s=self.lateness_s,
             retry_horizon_s=self.retry_horizon_s,
@@ -124,27 +132,34 @@ class _State(msgspec.Struct):
     replay_from: dict[str, int]
     #: Each re-read topic's progress where its re-read starts (absent in older checkpoints).
     replay_progress: dict[str, float] = msgspec.field(default_factory=dict)
+    #: The rewards stream's progress (graded rewards; absent in older checkpoints).
+    seen_rewards: float = 0.0
 
 
 class PartitionMismatch(StreamrecError):
     """Clicks and impressions do not have the same number of partitions."""
 
 
-def check_copartitioned(partition_counts: Mapping[str, int], topics: TopicSettings) -> None:
+def check_copartitioned(
+    partition_counts: Mapping[str, int], topics: TopicSettings, *, rewards: bool = False
+) -> None:
     """Refuse input topics whose partition counts differ.
 
-    A user's clicks and impressions are joined only if they share a partition
-    number: with different counts most clicks would silently find no impression.
+    A user's clicks and impressions (and rewards, if read) are joined only if they
+    share a partition number: with different counts most clicks would silently
+    find no impression.
     """
     impressions = partition_counts.get(topics.impressions)
-    clicks = partition_counts.get(topics.clicks)
-    if impressions != clicks:
-        raise PartitionMismatch(
-            f"topics {topics.impressions!r} ({impressions} partitions) and {topics.clicks!r} "
-            f"({clicks} partitions) must have the same partition count: the joiner pairs a "
-            "user's clicks and impressions by partition number (add partitions to the "
-            "smaller one, or recreate both)"
-        )
+    others = [topics.clicks] + ([topics.rewards] if rewards else [])
+    for other in others:
+        count = partition_counts.get(other)
+        if impressions != count:
+            raise PartitionMismatch(
+                f"topics {topics.impressions!r} ({impressions} partitions) and {other!r} "
+                f"({count} partitions) must have the same partition count: the joiner pairs "
+                "a user's events by partition number (add partitions to the smaller one, "
+                "or recreate both)"
+            )
 
 
 #: Policies named in the per-policy series; feedback of further names counts as ``other``.
@@ -171,7 +186,7 @@ class JoinerMetrics:
         self._policies: set[str] = set()
         self.feedback = Counter(
             "streamrec_joiner_feedback_total",
-            "Feedback records emitted, by reward.",
+            "Feedback records emitted, by reward (1: any positive reward, 0: none).",
             ["reward"],
             registry=registry,
         )
@@ -189,6 +204,18 @@ class JoinerMetrics:
         self.watermark_delay = Gauge(
             "streamrec_joiner_watermark_delay_seconds",
             "Wall-clock time minus the oldest partition watermark.",
+            registry=registry,
+        )
+        self.rewards = Counter(
+            "streamrec_joiner_rewards_total",
+            "Reward events by attribution outcome (matched, duplicate, late, unmatched, "
+            "not_in_slate).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.reward_sum = Counter(
+            "streamrec_joiner_feedback_reward_sum_total",
+            "Sum of the combined rewards of the feedback emitted.",
             registry=registry,
         )
         self.impressions = Counter(
@@ -233,15 +260,22 @@ class JoinProcessor(Processor):
         topics: TopicSettings,
         registry: CollectorRegistry | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        rule: RewardRule | None = None,
     ) -> None:
         self.settings = settings
         self.topics = topics
+        #: How signals combine into rewards (``STREAMREC_REWARD_*`` unless given).
+        self.rule = rule or RewardSettings().rule()
+        #: The topics joined: the rewards topic only under a graded rule.
+        self.streams = (topics.impressions, topics.clicks) + (
+            (topics.rewards,) if self.rule.graded else ()
+        )
         self.metrics = JoinerMetrics(registry or CollectorRegistry())
         self._monotonic = monotonic
         #: The log's time, from the timestamps of the records read (for idle markers).
         self.log_clock = LogClock()
-        #: Idle markers travel on both input topics.
-        self.controls = {topics.impressions: decode_watermark, topics.clicks: decode_watermark}
+        #: Idle markers travel on every input topic.
+        self.controls = {topic: decode_watermark for topic in self.streams}
         self.joins: dict[int, PartitionJoin] = {}
         #: (partition, topic) -> monotonic time of its last record.
         self._last_input: dict[tuple[int, str], float] = {}
@@ -261,8 +295,10 @@ class JoinProcessor(Processor):
                 self.log_clock.observe(received, now)
             if record.topic == self.topics.impressions:
                 closed = join.impression(record.value, record.offset, received)
-            else:
+            elif record.topic == self.topics.clicks:
                 closed = join.click(record.value, record.offset, received)
+            else:
+                closed = join.reward(record.value, record.offset, received)
             self._emit(record, closed, ctx)
             self._last_input[(record.partition, record.topic)] = now
             self._delivered.add((record.partition, record.topic))
@@ -271,9 +307,12 @@ class JoinProcessor(Processor):
 
     def control(self, record: Record, ctx: Context) -> None:
         watermark = record.value.watermark
-        is_impressions = record.topic == self.topics.impressions
+        topic = record.topic
         closed = self.joins[record.partition].advance(
-            watermark, impressions=is_impressions, clicks=not is_impressions
+            watermark,
+            impressions=topic == self.topics.impressions,
+            clicks=topic == self.topics.clicks,
+            rewards=topic == self.topics.rewards,
         )
         self._delivered.add((record.partition, record.topic))
         self._emit(record, closed, ctx)
@@ -285,14 +324,13 @@ class JoinProcessor(Processor):
         every = self.settings.idle_close_s
         for partition, join in self.joins.items():
             stalest = max(
-                clock - self._last_input.get((partition, topic), clock)
-                for topic in (self.topics.impressions, self.topics.clicks)
+                clock - self._last_input.get((partition, topic), clock) for topic in self.streams
             )
             quiet = min(stalest, clock - self._last_control.get(partition, float("-inf")))
             if join.open and quiet >= every and log_now is not None:
                 # Repeated while the partition stays idle, until every window has closed.
                 marker = encode_watermark(log_now - self.settings.lateness_s)
-                for topic in (self.topics.impressions, self.topics.clicks):
+                for topic in self.streams:
                     ctx.emit_control(topic, partition, marker)
                 self._last_control[partition] = clock
         if self.joins:
@@ -301,6 +339,7 @@ class JoinProcessor(Processor):
 
     def _emit(self, record: Record, closed: list[Feedback], ctx: Context) -> None:
         rewarded = 0
+        total = 0.0
         by_policy: dict[str, list[float]] = {}
         for fb in closed:
             ctx.emit(
@@ -309,7 +348,8 @@ class JoinProcessor(Processor):
                 key=fb.user_id.encode(),
                 source_partition=record.partition,
             )
-            rewarded += fb.reward
+            rewarded += fb.reward > 0.0
+            total += fb.reward
             counts = by_policy.setdefault(fb.policy, [0, 0.0])
             counts[0] += 1
             counts[1] += fb.reward
@@ -320,31 +360,37 @@ class JoinProcessor(Processor):
         if closed:
             self.metrics.feedback.labels("1").inc(rewarded)
             self.metrics.feedback.labels("0").inc(len(closed) - rewarded)
+            self.metrics.reward_sum.inc(total)
 
     def _report(self) -> None:
         totals: dict[str, int] = {}
-        remembered = [0, 0]
+        remembered = [0, 0, 0]
         for join in self.joins.values():
             for name, value in join.stats.items():
                 totals[name] = totals.get(name, 0) + value
-            for i, count in enumerate(join.remembered()):
+            for i, count in enumerate((*join.remembered(), join.remembered_rewards())):
                 remembered[i] += count
         for name, value in totals.items():
             delta = value - self._reported.get(name, 0)
             self._reported[name] = value
             if delta > 0:
                 self._count(name, delta)
-        inputs = (self.topics.impressions, self.topics.clicks)
-        for topic, count in zip(inputs, remembered, strict=True):
+        for topic, count in zip(self.streams, remembered, strict=False):
             self.metrics.remembered.labels(topic).set(count)
         self.metrics.open.set(sum(len(join.open) for join in self.joins.values()))
 
     def _count(self, stat: str, delta: int) -> None:
         """Add a :class:`PartitionJoin` statistic's growth to its metric."""
         stream, _, outcome = stat.partition("_")
-        topics = {"impressions": self.topics.impressions, "clicks": self.topics.clicks}
+        topics = {
+            "impressions": self.topics.impressions,
+            "clicks": self.topics.clicks,
+            "rewards": self.topics.rewards,
+        }
         if stream == "clicks":
             self.metrics.clicks.labels(outcome).inc(delta)
+        elif stream == "rewards":
+            self.metrics.rewards.labels(outcome).inc(delta)
         elif stream == "impressions":
             self.metrics.impressions.labels(outcome).inc(delta)
         elif stream == "time":
@@ -357,9 +403,8 @@ class JoinProcessor(Processor):
         join = self.joins[partition]
         replay: dict[str, int] = {}
         progress: dict[str, float] = {}
-        for topic, mark in zip(
-            (self.topics.impressions, self.topics.clicks), join.replay_marks(), strict=True
-        ):
+        marks = (*join.replay_marks(), join.reward_replay_mark() if join.graded else None)
+        for topic, mark in zip(self.streams, marks, strict=False):
             if mark is not None:
                 replay[topic] = mark.offset
                 progress[topic] = mark.progress
@@ -369,14 +414,15 @@ class JoinProcessor(Processor):
                 seen_clicks=join.seen_clicks,
                 replay_from=replay,
                 replay_progress=progress,
+                seen_rewards=join.seen_rewards,
             )
         )
 
     def restore(self, partition: int, checkpoint: Checkpoint | None) -> Mapping[str, int] | None:
-        join = self.settings.join()
+        join = self.settings.join(self.rule)
         self.joins[partition] = join
         self._rebuilding.pop(partition, None)
-        for topic in (self.topics.impressions, self.topics.clicks):
+        for topic in self.streams:
             self._last_input[(partition, topic)] = self._monotonic()
             self._delivered.discard((partition, topic))
         if checkpoint is None or not checkpoint.state:
@@ -394,6 +440,9 @@ class JoinProcessor(Processor):
             rereading_clicks=self.topics.clicks in rereading,
             impressions_progress=state.replay_progress.get(self.topics.impressions, 0.0),
             clicks_progress=state.replay_progress.get(self.topics.clicks, 0.0),
+            seen_rewards=state.seen_rewards,
+            rereading_rewards=self.topics.rewards in rereading,
+            rewards_progress=state.replay_progress.get(self.topics.rewards, 0.0),
         )
         if rereading:
             self._rebuilding[partition] = {t: checkpoint.offsets[t] for t in rereading}
@@ -430,14 +479,23 @@ class JoinProcessor(Processor):
     def revoke(self, partition: int) -> None:
         self._rebuilding.pop(partition, None)
         self.joins.pop(partition, None)
-        for topic in (self.topics.impressions, self.topics.clicks):
+        for topic in self.streams:
             self._last_input.pop((partition, topic), None)
             self._delivered.discard((partition, topic))
         self._last_control.pop(partition, None)
 
 
 class JoinerRuntime(ConsumerRuntime):
-    """The consumer runtime, refusing inputs that are not co-partitioned."""
+    """The consumer runtime, refusing inputs that are not co-partitioned.
+
+    It reads the rewards topic only when the processor's reward rule is graded.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        processor = self.processor
+        if isinstance(processor, JoinProcessor) and not processor.rule.graded:
+            self.inputs.pop(self.topics.rewards, None)
 
     def open(self) -> None:
         """Learn the input topics' partition counts, then refuse a mismatch.
@@ -447,7 +505,9 @@ class JoinerRuntime(ConsumerRuntime):
         """
         super().open()
         try:
-            check_copartitioned(self.partition_counts, self.topics)
+            check_copartitioned(
+                self.partition_counts, self.topics, rewards=self.topics.rewards in self.inputs
+            )
         except PartitionMismatch:
             self.close()
             raise
@@ -456,7 +516,11 @@ class JoinerRuntime(ConsumerRuntime):
 SPEC = ServiceSpec(
     name="joiner",
     settings=JoinerSettings,
-    inputs=lambda topics: {topics.impressions: decode_impression, topics.clicks: decode_click},
+    inputs=lambda topics: {
+        topics.impressions: decode_impression,
+        topics.clicks: decode_click,
+        topics.rewards: decode_reward,
+    },
     make_processor=lambda wiring: JoinProcessor(wiring.settings, wiring.topics, wiring.registry),
     # Small fetches make each poll carry both topics of a partition.
     kafka_defaults=lambda settings: {

@@ -127,7 +127,11 @@ class Sequences:
 
     def get(self, user_id: str, n: int = 50, *, until: float | None = None) -> list[SequenceEntry]:
         """The user's latest ``n`` clicks (at or before ``until`` if given), oldest first."""
-        return self.get_many([user_id], n, until=until)[user_id]
+        if until is not None or n < 1:
+            return self.get_many([user_id], n, until=until)[user_id]
+        # One command, no pipeline: serving reads one user per request.
+        reply = self._redis.zrange(self.keys.sequence(user_id), -n, -1, withscores=True)
+        return [SequenceEntry(item_of(raw), ts_of(score)) for raw, score in reply]
 
     def get_many(
         self, user_ids: Iterable[str], n: int = 50, *, until: float | None = None

@@ -76,6 +76,7 @@ from starlette.routing import Route
 
 from contracts.events import MAX_CANDIDATES, MAX_SLATE, EventError, decode_json
 from contracts.features import hash_features
+from services.bandits.base import DEFAULT_PROPENSITY_DRAWS
 from services.bandits.factory import new_learner
 from services.bandits.settings import BanditsSettings
 from services.catalog import CandidateFeed
@@ -157,6 +158,9 @@ class ServingSettings(BaseSettings):
     of them, equal shares."""
     epsilon: float = Field(0.05, ge=0, le=1)
     """``STREAMREC_SERVING_EPSILON``: share of uniformly random slates of the bandit policies."""
+    propensity_draws: int = Field(DEFAULT_PROPENSITY_DRAWS, ge=1, le=100_000)
+    """``STREAMREC_SERVING_PROPENSITY_DRAWS``: posterior draws behind the propensities a
+    Thompson policy logs (standard deviation at most 0.5 / sqrt(draws + 1))."""
     default_k: int = Field(10, ge=1, le=MAX_SLATE)
     """``STREAMREC_SERVING_DEFAULT_K``: slate size when the request gives none."""
     max_k: int = Field(MAX_SLATE, ge=1, le=MAX_SLATE)
@@ -281,7 +285,13 @@ def build_policies(
                 item_dim=bandits.item_dim,
                 seed=bandits.seed,
             )
-            policies[name] = BanditPolicy(name, prior, watcher, epsilon=settings.epsilon)
+            policies[name] = BanditPolicy(
+                name,
+                prior,
+                watcher,
+                epsilon=settings.epsilon,
+                propensity_draws=settings.propensity_draws,
+            )
     return policies
 
 
@@ -341,7 +351,7 @@ def create_app(
         body = result.to_json()
         if rank:
             body["candidate_source"] = result.impression.candidate_source
-        return JSONResponse(body)
+        return Response(msgspec.json.encode(body), media_type="application/json")
 
     def protected(handler: Any) -> Any:
         async def guarded(request: Request) -> Response:

@@ -20,6 +20,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from services.bandits import BanditLearner, learner_class, learner_from_params
+from services.bandits.base import DEFAULT_PROPENSITY_DRAWS
 from services.paramstore import ParamStore, ParamWatcher
 from services.serving.slate import build_slate
 
@@ -110,6 +111,10 @@ def watch_learner(
 class BanditPolicy:
     """A bandit learner hot-reloaded from the parameter store, with epsilon exploration.
 
+    Propensities are the exact marginals of showing each item, except for Thompson
+    learners, whose top-k probabilities are Monte Carlo estimates from
+    ``propensity_draws`` posterior draws (:meth:`BanditLearner.inclusion`).
+
     Before the first published version it ranks with ``prior`` (a learner with
     no data), so a new deployment serves immediately.
     """
@@ -121,11 +126,14 @@ class BanditPolicy:
         watcher: ParamWatcher[BanditLearner] | None,
         *,
         epsilon: float = 0.05,
+        propensity_draws: int = DEFAULT_PROPENSITY_DRAWS,
     ) -> None:
         self.name = name
         self.prior = prior
         self.watcher = watcher
         self.epsilon = epsilon
+        #: Posterior draws behind a Thompson learner's logged propensities.
+        self.propensity_draws = propensity_draws
 
     def learner(self) -> tuple[int, BanditLearner]:
         """The learner now serving and its version (0 = the prior)."""
@@ -136,8 +144,13 @@ class BanditPolicy:
     def rank(self, request: RankRequest, rng: np.random.Generator) -> RankedSlate:
         version, learner = self.learner()
         X = learner.policy_features(request.context, request.item_features)
-        scores = learner.score(request.candidate_labels, X)
-        slate = build_slate(scores, request.k, self.epsilon, rng)
+        labels = request.candidate_labels
+        scores = learner.score(labels, X)
+        k = min(request.k, len(scores))
+        inclusion = (
+            learner.inclusion(labels, X, scores, k, draws=self.propensity_draws) if k else None
+        )
+        slate = build_slate(scores, k, self.epsilon, rng, inclusion)
         return RankedSlate(
             items=[request.candidates[i] for i in slate.indices],
             propensities=slate.propensities.tolist(),

@@ -31,10 +31,7 @@ as the world's candidate draw was before serving existed); replay and IPS
 estimators condition on the logged pool in the same way.
 
 Policies get, besides candidates and features, ``RankRequest.extras``:
-``history`` (the user's :class:`~services.sequences.SequenceEntry` clicks),
-``index_vectors`` (item id → normalised index vector, for the candidates and
-history items the index knows), ``index_user_vector`` (the pooled user vector,
-None for a cold start) and ``index_version``.
+``history`` (the user's :class:`~services.sequences.SequenceEntry` clicks).
 
 The Recommender holds no lock across I/O: the index, the parameter watchers and
 the candidate feed each swap immutable references in the background. Scoring a
@@ -175,7 +172,8 @@ def serving_metrics(registry: CollectorRegistry) -> ServingMetrics:
 
 
 class KafkaImpressionLog:
-    """Produces impressions through the producer SDK (validated, keyed by user).
+    """Produces impressions through the producer SDK (keyed by user; not re-validated:
+    serving builds them from checked parts, and the joiner validates what it reads).
 
     ``wait=False`` (the default) hands the record to the producer and answers at
     once, so Kafka's latency and outages stay off the request path. An
@@ -218,7 +216,7 @@ class KafkaImpressionLog:
     def log(self, impression: Impression) -> None:
         request_id = impression.request_id
         try:
-            future = self.producer.send_impression(impression)
+            future = self.producer.send_impression(impression, validate=False)
             if self.wait:
                 future.get(timeout=self.timeout_s)
         except EventError as exc:
@@ -563,7 +561,6 @@ class Recommender:
                 if item in pool.position:
                     features[pool.position[item]] = row
         labels = item_labels(pool.items)
-        index_vectors = self._index_vectors(pool, history)
         lap("features")
         now = self.clock()
         request = RankRequest(
@@ -574,12 +571,7 @@ class Recommender:
             item_features=features,
             k=k,
             ts=now,
-            extras={
-                "history": history,
-                "index_vectors": index_vectors,
-                "index_user_vector": pool.user_vector,
-                "index_version": pool.index_version,
-            },
+            extras={"history": history},
         )
         policy = self.policies[policy_name]
         with self._locks[policy_name]:
@@ -638,8 +630,8 @@ class Recommender:
 
     def _user_vector(
         self, history: list[SequenceEntry]
-    ) -> tuple[LoadedIndex | None, np.ndarray | None, np.ndarray | None, np.ndarray]:
-        """The index snapshot, the user vector (None: cold start) and the history vectors."""
+    ) -> tuple[LoadedIndex | None, np.ndarray | None]:
+        """The index snapshot and the user vector (None: cold start)."""
         snapshot = self._snapshot()
         history_vectors, history_known = self._vectors(
             snapshot, [entry.item_id for entry in history]
@@ -650,13 +642,13 @@ class Recommender:
             norm = float(np.linalg.norm(query))
             if norm > 0 and math.isfinite(norm):
                 user_vector = query / norm
-        return snapshot, user_vector, history_vectors, history_known
+        return snapshot, user_vector
 
     def _candidates(
         self, history: list[SequenceEntry], rng: np.random.Generator, excluded: frozenset[str]
     ) -> _Pool:
         lists = self.feed.current()
-        snapshot, user_vector, history_vectors, history_known = self._user_vector(history)
+        snapshot, user_vector = self._user_vector(history)
         found: list[str] = []
         if user_vector is not None:
             ids, _ = self.index.search(  # type: ignore[union-attr]
@@ -687,15 +679,13 @@ class Recommender:
             lists=lists,
             snapshot=snapshot,
             user_vector=user_vector,
-            history_vectors=history_vectors,
-            history_known=history_known,
         )
 
     def _client_candidates(
         self, history: list[SequenceEntry], candidates: Sequence[str], excluded: frozenset[str]
     ) -> _Pool:
         """The request's own candidates, less its exclusions (``check`` saw some remain)."""
-        snapshot, user_vector, history_vectors, history_known = self._user_vector(history)
+        snapshot, user_vector = self._user_vector(history)
         items = [item for item in candidates if item not in excluded]
         return _Pool(
             items=items,
@@ -703,8 +693,6 @@ class Recommender:
             lists=self.feed.current(),
             snapshot=snapshot,
             user_vector=user_vector,
-            history_vectors=history_vectors,
-            history_known=history_known,
         )
 
     @staticmethod
@@ -716,18 +704,6 @@ class Recommender:
         vectors, known = snapshot.vectors(items)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.where(norms > 0, norms, 1.0), known
-
-    def _index_vectors(self, pool: _Pool, history: list[SequenceEntry]) -> dict[str, np.ndarray]:
-        """Normalised index vectors of the candidates and the history items the index knows."""
-        vectors, known = self._vectors(pool.snapshot, pool.items)
-        if vectors is None:
-            return {}
-        found = {item: vectors[i] for i, item in enumerate(pool.items) if known[i]}
-        if pool.history_vectors is not None:
-            for i, entry in enumerate(history):
-                if pool.history_known[i]:
-                    found[entry.item_id] = pool.history_vectors[i]
-        return found
 
     def _rng(self) -> np.random.Generator:
         rng = getattr(self._local, "rng", None)
@@ -746,8 +722,6 @@ class _Pool:
     snapshot: LoadedIndex | None
     #: The normalised mean of the user's known history vectors; None for a cold start.
     user_vector: np.ndarray | None
-    history_vectors: np.ndarray | None
-    history_known: np.ndarray
 
     @property
     def cold(self) -> bool:

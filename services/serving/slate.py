@@ -6,7 +6,11 @@ propensity logged for a shown item is its exact marginal probability of being
 in the slate: ``(1 - epsilon) * P(in top k) + epsilon * k / n``, where
 ``P(in top k)`` is 1 above the k-th best score, 0 below it, and for the ``t``
 candidates tied at the k-th score, the ``s`` top-k places left for them
-divided by ``t``. Offline IPS/replay estimators divide by it.
+divided by ``t``. A policy whose scores are themselves random (Thompson
+sampling) passes its own top-k probabilities instead (``inclusion``, estimated
+from posterior draws: :meth:`services.bandits.BanditLearner.inclusion`), since
+the sampled scores of one call do not give them. Offline IPS/replay estimators
+divide by it.
 
 >>> import numpy as np
 >>> slate = build_slate(np.array([0.1, 0.9, 0.5, 0.2]), k=2, epsilon=0.0,
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.bandits import top_k
+from services.bandits import greedy_inclusion, top_k
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,20 +37,18 @@ class Slate:
     explored: bool
 
 
-def greedy_inclusion(scores: np.ndarray, k: int) -> np.ndarray:
-    """Probability of each candidate being in the top ``k`` under random tie-breaking.
+def build_slate(
+    scores: np.ndarray,
+    k: int,
+    epsilon: float,
+    rng: np.random.Generator,
+    inclusion: np.ndarray | None = None,
+) -> Slate:
+    """Pick ``k`` of ``len(scores)`` candidates, epsilon-uniform over the policy's top k.
 
-    >>> greedy_inclusion(np.array([3.0, 1.0, 1.0, 1.0, 0.0]), k=2).tolist()
-    [1.0, 0.3333333333333333, 0.3333333333333333, 0.3333333333333333, 0.0]
+    ``inclusion``: each candidate's probability of being in the policy's top k
+    (default: exact from ``scores``, random tie-breaking).
     """
-    threshold = np.partition(scores, len(scores) - k)[len(scores) - k]
-    above = scores > threshold
-    tied = scores == threshold
-    return np.where(above, 1.0, np.where(tied, (k - above.sum()) / tied.sum(), 0.0))
-
-
-def build_slate(scores: np.ndarray, k: int, epsilon: float, rng: np.random.Generator) -> Slate:
-    """Pick ``k`` of ``len(scores)`` candidates, epsilon-uniform over the policy's top k."""
     if not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
     n = len(scores)
@@ -56,5 +58,7 @@ def build_slate(scores: np.ndarray, k: int, epsilon: float, rng: np.random.Gener
     greedy = top_k(scores, k, rng)
     explored = bool(rng.random() < epsilon)
     indices = rng.choice(n, size=k, replace=False) if explored else greedy
-    propensities = (1.0 - epsilon) * greedy_inclusion(scores, k)[indices] + epsilon * k / n
+    if inclusion is None:
+        inclusion = greedy_inclusion(scores, k)
+    propensities = (1.0 - epsilon) * inclusion[indices] + epsilon * k / n
     return Slate(indices=indices, propensities=propensities, explored=explored)

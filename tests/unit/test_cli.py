@@ -28,13 +28,13 @@ def test_docstring_commands_and_flags_are_the_parsers() -> None:
     for line in USAGE:
         if line.startswith("streamrec "):
             # "streamrec down | status [...]" documents two commands with the same flags.
-            commands = re.findall(r"(?:^streamrec|\|) ([a-z]+)", line)
+            commands = re.findall(r"(?:^streamrec|\|) ([a-z][a-z-]*)", line)
         assert commands, line
         for flag in re.findall(r"--[a-z][a-z-]*", line):
             documented.add(flag)
             for command in commands:
                 assert flag in subparsers[command]._option_string_actions, f"{command} {flag}"
-    named = {c for line in USAGE for c in re.findall(r"(?:^streamrec|\|) ([a-z]+)", line)}
+    named = {c for line in USAGE for c in re.findall(r"(?:^streamrec|\|) ([a-z][a-z-]*)", line)}
     assert named == set(subparsers)
     assert "--simulate" in documented
 
