@@ -105,7 +105,8 @@ def render(view: Mapping[str, Any]) -> str:
         f'data-rounds="{view["rounds"]}">'
         f"{time.strftime('%H:%M:%S', time.localtime(now))}</span>, {view['rounds']} rounds; "
         f"targets {_targets(view.get('targets', {}))}</p>",
-        f"<h2>CTR per policy (trailing {window:.0f} s, 95% Wilson band)</h2>",
+        f"<h2>CTR per policy (mean reward per shown item, trailing {window:.0f} s, "
+        "95% Wilson band)</h2>",
         chart(
             "ctr-chart",
             {p: v["points"] for p, v in policies.items()},
