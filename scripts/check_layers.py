@@ -58,6 +58,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "services.guard.service",
             "services.gateway",
             "services.serving",
+            "services.console",
             "services.apps",
         ),
     ),

@@ -18,6 +18,7 @@ SERVICES = {
     "drn": "services.drn.service:main",
     "guard": "services.guard.service:main",
     "serving": "services.serving.api:main",
+    "console": "services.console.app:main",
 }
 
 

@@ -1,10 +1,10 @@
 """The ``streamrec`` command line.
 
 streamrec up [--run-dir DIR] [--kafka HOST:PORT] [--redis URL] [--partitions N]
-             [--services a,b,...] [--gateway-port PORT]
+             [--services a,b,...] [--gateway-port PORT] [--no-console]
              [--simulate [--duration S] [--rate R] [--seed N]]
 streamrec down | status [--run-dir DIR]
-streamrec run SERVICE  (gateway, joiner, bandits, sequences, embeddings, drn, guard, serving)
+streamrec run NAME (gateway, joiner, bandits, sequences, embeddings, drn, guard, serving, console)
 streamrec simulate [--gateway URL [--token T]] [--serving URL] [--rate R] [--duration S]
                    [--seed N] [--epsilon E]
 streamrec evaluate [--policies a,b,... --steps N --seed N --seeds N --scenario S --window W

@@ -1,7 +1,9 @@
 """``streamrec evaluate``: compare policies online on the simulated world, or offline on a log.
 
 Online (default): every policy in ``--policies`` runs ``--steps`` requests on the
-same seeded world; prints final CTR and regret, and with ``--out DIR`` writes
+same seeded world; prints final CTR and regret, the verdict against ``random``
+(:mod:`services.evaluation.verdict`: a win only when the 95% Wilson intervals
+do not overlap), and with ``--out DIR`` writes
 ``results.json``, ``ctr.png`` and ``regret.png``. With ``drn`` among the policies
 or ``--seeds N`` > 1 the run repeats over N seeds (:func:`services.evaluation.drn.compare`)
 and reports second-half CTR (mean ± sd), regret, nDCG@k and, for DRN, the paired
@@ -56,6 +58,8 @@ from services.evaluation.replay import (
     replay,
     top_slot_events,
 )
+from services.evaluation.verdict import BASELINE
+from services.evaluation.verdict import report as verdict_report
 from services.paramstore import ParamStore, combine_parts
 from services.simulator.world import SCENARIOS, WorldConfig
 
@@ -178,6 +182,10 @@ def _online(args: argparse.Namespace) -> dict[str, Any]:
     for name, value in result.ctr().items():
         print(f"{name:<15} {value:8.4f} {expected[name]:9.4f} {regret[name][-1]:10.1f}")
     print(f"{'best slate':<15} {'':>8} {result.best_ctr():9.4f}")
+    if BASELINE in result.policies:
+        shown = result.steps * result.slate_size
+        counts = {p: (float(result.clicks[i].sum()), shown) for i, p in enumerate(result.policies)}
+        print("\n".join(verdict_report(counts)))
     if args.out:
         from services.evaluation.plots import plot_online  # matplotlib start-up cost: only --out
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
+
+from services.common.intervals import wilson
 
 
 def ctr(clicks: np.ndarray | Sequence[float], impressions: int | None = None) -> float:
@@ -180,8 +181,5 @@ def interleaving_win_rate(
     n = wins_a + wins_b
     if n == 0:
         return WinRate(0.5, 0.0, 1.0, 0, 0, ties)
-    rate = wins_a / n
-    z = NormalDist().inv_cdf(0.5 + level / 2.0)
-    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
-    return WinRate(rate, max(0.0, centre - half), min(1.0, centre + half), wins_a, wins_b, ties)
+    low, high = wilson(wins_a, n, level)
+    return WinRate(wins_a / n, low, high, wins_a, wins_b, ties)

@@ -162,8 +162,28 @@ def check_copartitioned(
             )
 
 
+#: Policies named in the per-policy series; feedback of further names counts as ``other``.
+MAX_POLICY_LABELS = 32
+OTHER_POLICY = "other"
+
+
 class JoinerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.policy_feedback = Counter(
+            "streamrec_joiner_policy_feedback_total",
+            "Feedback records emitted, by the policy that served the slate (the first "
+            f"{MAX_POLICY_LABELS} names seen, then other): the denominator of per-policy CTR.",
+            ["policy"],
+            registry=registry,
+        )
+        self.policy_rewards = Counter(
+            "streamrec_joiner_policy_rewards_total",
+            "Sum of the rewards of the feedback emitted, by policy (labelled as "
+            "streamrec_joiner_policy_feedback_total): the numerator of per-policy CTR.",
+            ["policy"],
+            registry=registry,
+        )
+        self._policies: set[str] = set()
         self.feedback = Counter(
             "streamrec_joiner_feedback_total",
             "Feedback records emitted, by reward (1: any positive reward, 0: none).",
@@ -223,6 +243,12 @@ class JoinerMetrics:
             ["topic"],
             registry=registry,
         )
+
+    def policy_label(self, policy: str) -> str:
+        """``policy`` as a label: itself among the first :data:`MAX_POLICY_LABELS` seen."""
+        if policy not in self._policies and len(self._policies) < MAX_POLICY_LABELS:
+            self._policies.add(policy)
+        return policy if policy in self._policies else OTHER_POLICY
 
 
 class JoinProcessor(Processor):
@@ -314,6 +340,7 @@ class JoinProcessor(Processor):
     def _emit(self, record: Record, closed: list[Feedback], ctx: Context) -> None:
         rewarded = 0
         total = 0.0
+        by_policy: dict[str, list[float]] = {}
         for fb in closed:
             ctx.emit(
                 self.topics.feedback,
@@ -323,6 +350,13 @@ class JoinProcessor(Processor):
             )
             rewarded += fb.reward > 0.0
             total += fb.reward
+            counts = by_policy.setdefault(fb.policy, [0, 0.0])
+            counts[0] += 1
+            counts[1] += fb.reward
+        for policy, (n, rewards) in by_policy.items():
+            label = self.metrics.policy_label(policy)
+            self.metrics.policy_feedback.labels(label).inc(n)
+            self.metrics.policy_rewards.labels(label).inc(rewards)
         if closed:
             self.metrics.feedback.labels("1").inc(rewarded)
             self.metrics.feedback.labels("0").inc(len(closed) - rewarded)

@@ -319,12 +319,16 @@ class PolicyStats:
     def regret(self) -> float:
         return self.optimal - self.expected
 
-    def ctr_between(self, start: float, end: float) -> float:
-        """CTR of the items shown between two elapsed times (from the timeline)."""
+    def counts_between(self, start: float, end: float) -> tuple[int, int]:
+        """(clicks, shown items) between two elapsed times (from the timeline)."""
         before = max((t for t in self.timeline if t[0] <= start), default=(0.0, 0, 0))
         after = max((t for t in self.timeline if t[0] <= end), default=(0.0, 0, 0))
-        shown = after[1] - before[1]
-        return (after[2] - before[2]) / shown if shown else 0.0
+        return after[2] - before[2], after[1] - before[1]
+
+    def ctr_between(self, start: float, end: float) -> float:
+        """CTR of the items shown between two elapsed times (from the timeline)."""
+        clicks, shown = self.counts_between(start, end)
+        return clicks / shown if shown else 0.0
 
 
 class Simulation:

@@ -32,7 +32,7 @@ from services.common.topics import create_topics
 from services.stack.demo import Demo
 from services.stack.kafka import start_broker
 from services.stack.servers import ManagedProcess, free_port, start_redis
-from services.stack.supervisor import Supervisor
+from services.stack.supervisor import SupervisedService, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,12 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--gateway-port", type=int, default=0, help="0 picks a free port")
     parser.add_argument(
+        "--console",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="serve the live console (a web page of the running system; default: on)",
+    )
+    parser.add_argument(
         "--simulate",
         action="store_true",
         help="drive the stack with the simulator and show live progress",
@@ -91,9 +97,10 @@ def add_up_arguments(parser: argparse.ArgumentParser) -> None:
 
 TOKEN_FILE = "gateway-token"  # noqa: S105 - a file name
 SERVING_TOKEN_FILE = "serving-token"  # noqa: S105 - a file name
+CONSOLE_TOKEN_FILE = "console-token"  # noqa: S105 - a file name
 #: Services whose /metrics is on their HTTP port; the others' (serving's HTTP
 #: /metrics needs its token) is on their runtime metrics port.
-METRICS_ON_HTTP_PORT = frozenset({"gateway"})
+METRICS_ON_HTTP_PORT = frozenset({"gateway", "console"})
 
 
 def gateway_token(run_dir: Path) -> str:
@@ -106,6 +113,12 @@ def serving_token(run_dir: Path) -> str:
     """Serving's bearer token: ``STREAMREC_SERVING_TOKEN`` if set, else one generated
     for this run directory and kept in ``RUN_DIR/serving-token`` (mode 0600)."""
     return _token(run_dir, "STREAMREC_SERVING_TOKEN", SERVING_TOKEN_FILE)
+
+
+def console_token(run_dir: Path) -> str:
+    """The console's bearer token: ``STREAMREC_CONSOLE_TOKEN`` if set, else one generated
+    for this run directory and kept in ``RUN_DIR/console-token`` (mode 0600)."""
+    return _token(run_dir, "STREAMREC_CONSOLE_TOKEN", CONSOLE_TOKEN_FILE)
 
 
 def _token(run_dir: Path, variable: str, file_name: str) -> str:
@@ -161,6 +174,10 @@ def metrics_port(name: str, info: dict) -> int:
     if name in METRICS_ON_HTTP_PORT and info["http_port"]:
         return int(info["http_port"])
     return int(info["metrics_port"])
+
+
+def _ports(service: SupervisedService) -> dict:
+    return {"http_port": service.http_port, "metrics_port": service.metrics_port}
 
 
 def _read_state(run_dir: Path) -> dict | None:
@@ -243,6 +260,9 @@ def up(args: argparse.Namespace) -> int:
         installed = set(available_services())
         gateway_port = args.gateway_port or free_port()
         serving_port = free_port()
+        console_port = free_port()
+        # The simulator's own series (regret) are served by the demo, for the console.
+        simulator_port = free_port() if args.simulate else None
         for name in wanted:
             if name not in installed:
                 continue
@@ -260,6 +280,20 @@ def up(args: argparse.Namespace) -> int:
                 supervisor.add(name, serving_env, serving_port)
             else:
                 supervisor.add(name)
+
+        if args.console and "console" in installed:
+            targets = [
+                f"{n}=http://127.0.0.1:{metrics_port(n, _ports(s))}/metrics"
+                for n, s in supervisor.services.items()
+            ]
+            if simulator_port is not None:
+                targets.append(f"simulator=http://127.0.0.1:{simulator_port}/metrics")
+            console_env = {
+                "STREAMREC_CONSOLE_PORT": str(console_port),
+                "STREAMREC_CONSOLE_TOKEN": console_token(run_dir),
+                "STREAMREC_CONSOLE_TARGETS": ",".join(targets),
+            }
+            supervisor.add("console", console_env, console_port)
 
         def write_state() -> dict:
             state = {
@@ -298,6 +332,13 @@ def up(args: argparse.Namespace) -> int:
                 f"(bearer token in {run_dir / SERVING_TOKEN_FILE})"
             )
 
+        if "console" in supervisor.services:
+            print(
+                f"console: http://127.0.0.1:{console_port}/#token={console_token(run_dir)} "
+                f"(bearer token in {run_dir / CONSOLE_TOKEN_FILE})",
+                flush=True,
+            )
+
         demo = None
         if args.simulate:
             demo = Demo(
@@ -308,6 +349,8 @@ def up(args: argparse.Namespace) -> int:
                 gateway_port=gateway_port if "gateway" in supervisor.services else None,
                 gateway_token=gateway_token(run_dir),
                 serving_token=serving_token(run_dir),
+                run_dir=run_dir,
+                metrics_port=simulator_port,
             )
             demo.start()
         deadline = time.monotonic() + args.duration if args.duration else None

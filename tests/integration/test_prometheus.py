@@ -31,6 +31,8 @@ PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 DEPLOY = ROOT / "deploy" / "prometheus"
 SERVICES = ("gateway", "joiner", "bandits", "serving")
+#: What `up` starts and Prometheus scrapes: the services and the console.
+TARGETS = {*SERVICES, "console"}
 
 pytestmark = [
     pytest.mark.integration,
@@ -174,7 +176,7 @@ def prometheus(stack_run_dir: Path, tmp_path: Path) -> Iterator[PrometheusAPI]:
 
 def _every_target_up(api: PrometheusAPI) -> bool:
     up = api.query('up{job="streamrec"}')
-    return {r["metric"]["component"] for r in up if r["value"][1] == "1"} == set(SERVICES)
+    return {r["metric"]["component"] for r in up if r["value"][1] == "1"} == TARGETS
 
 
 def test_a_real_prometheus_scrapes_the_embedded_stack(prometheus: PrometheusAPI):
@@ -182,7 +184,7 @@ def test_a_real_prometheus_scrapes_the_embedded_stack(prometheus: PrometheusAPI)
     wait_for(lambda: _every_target_up(api), 90, "every stack target to be up")
     targets = api.get("/targets")
     assert isinstance(targets, dict)
-    assert {t["labels"]["component"] for t in targets["activeTargets"]} == set(SERVICES)
+    assert {t["labels"]["component"] for t in targets["activeTargets"]} == TARGETS
 
     # The loop is closed: serving answers, the joiner joins, the bandits publish.
     for expr in (
@@ -210,6 +212,8 @@ def test_a_real_prometheus_scrapes_the_embedded_stack(prometheus: PrometheusAPI)
         "streamrec_index_version",
         "streamrec_bandits_ctr_ratio",
         "streamrec_joiner_clicks_total",
+        "streamrec_joiner_policy_feedback_total",
+        "streamrec_console_target_up",
     ):
         assert api.query(expr), f"{expr} has no series"
     # A checkpoint was written recently, and policies publish versions per model.

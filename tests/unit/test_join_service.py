@@ -19,6 +19,8 @@ from contracts.events import (
 )
 from services.common import Checkpoint, Record, TopicSettings
 from services.joiner.service import (
+    MAX_POLICY_LABELS,
+    JoinerMetrics,
     JoinerSettings,
     JoinProcessor,
     PartitionMismatch,
@@ -184,3 +186,11 @@ def test_a_partition_revoked_before_its_re_read_began_is_not_checkpointed():
     assert not restored.checkpointable(0, checkpoint.offsets), "the clicks are not re-read yet"
     restored.apply(events[1:], Outputs())
     assert restored.checkpointable(0, checkpoint.offsets)
+
+
+def test_per_policy_series_name_a_bounded_number_of_policies() -> None:
+    metrics = JoinerMetrics(CollectorRegistry())
+    labels = [metrics.policy_label(f"p{i}") for i in range(MAX_POLICY_LABELS + 3)]
+    assert labels[:MAX_POLICY_LABELS] == [f"p{i}" for i in range(MAX_POLICY_LABELS)]
+    assert labels[MAX_POLICY_LABELS:] == ["other"] * 3
+    assert metrics.policy_label("p0") == "p0", "a name seen before keeps its label"

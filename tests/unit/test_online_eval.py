@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from services.evaluation.online import (
     make_policy,
     simulate,
 )
-from services.evaluation.plots import plot_online, plot_series
+from services.evaluation.plots import plot_online, plot_rates, plot_series
 from services.simulator import World, WorldConfig
 
 CONFIG = WorldConfig(n_users=300, n_items=100, n_candidates=20)
@@ -112,6 +113,20 @@ def test_plots_are_written(tmp_path: Path) -> None:
         plot_series({"a": np.arange(5.0)}, "y", tmp_path / "bad.png", x=np.arange(2))
 
 
+def test_rates_are_plotted_with_bands_and_a_steps_panel(tmp_path: Path) -> None:
+    x = np.arange(1.0, 6.0)
+    path = plot_rates(
+        {"a": (x, np.array([1, 2, 0, 3, 4]), np.array([10, 10, 0, 10, 10]))},
+        tmp_path / "rates.png",
+        ylabel="CTR",
+        xlabel="s",
+        steps={"index": (x, np.array([0, 1, 1, 2, 3]))},
+    )
+    assert path.read_bytes().startswith(PNG)
+    with pytest.raises(ValueError, match="differ in length"):
+        plot_rates({"a": (x, x, x[:2])}, tmp_path / "bad.png", ylabel="y", xlabel="x")
+
+
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
@@ -124,6 +139,10 @@ def test_evaluate_command_online(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert command.run(args) == 0
     printed = capsys.readouterr().out
     assert "linucb" in printed and "best slate" in printed
+    # The verdict closes the output with the rule and both intervals.
+    assert "learning policies beat random (CTR with 95% Wilson intervals" in printed
+    assert re.search(r"\n  random 0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]\n", printed)
+    assert re.search(r"\n  linucb 0\.\d{3} \[0\.\d{3}, 0\.\d{3}\]: ", printed)
     report = json.loads((out / "results.json").read_text())
     assert set(report["policies"]) == {"linucb", "random"} and report["steps"] == 300
     assert (out / "ctr.png").read_bytes().startswith(PNG)

@@ -205,6 +205,8 @@ def test_joiner_turns_impressions_and_clicks_into_feedback_and_joins_a_duplicate
     assert (fb.feedback_id, fb.clicked_at, fb.context) == ("r1/a", T0 + 3, CONTEXT)
     assert run.sample("streamrec_joiner_clicks_total", outcome="duplicate") == 1
     assert run.sample("streamrec_joiner_feedback_total", reward="1") == 1
+    assert run.sample("streamrec_joiner_policy_feedback_total", policy="linucb") == 2
+    assert run.sample("streamrec_joiner_policy_rewards_total", policy="linucb") == 1
     assert run.events(CLICKS, "applied") == 3
 
 
